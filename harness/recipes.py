@@ -1,0 +1,120 @@
+"""Pruning recipes: YAML files under `recipes/<backend>/<name>.yaml`, named `<backend>/<name>`.
+
+A recipe file has a short harness header and, under `recipe:`, the backend's own recipe text
+(a SparseML recipe, an INC `WeightPruningConfig`), so SparseML and INC users recognise it:
+
+    backend: sparseml                 # a module in harness/backends/
+    description: one line
+    architectures: [encoder, decoder, encoder-decoder]
+    targets: default                  # or a list of regexes over parameter names
+    calibration: {samples: 0}         # calibration sequences the method needs
+    params: {steps: 100}              # values a user may override with --set name=value
+    recipe: |
+      ... backend's own YAML; ${sparsity} (a fraction), ${targets} and ${params} are substituted ...
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness.errors import HarnessError
+from harness.paths import RECIPES_DIR
+
+DEFAULT_RECIPE = "sparseml/oneshot-magnitude"
+HEADER_KEYS = {"backend", "description", "architectures", "targets", "calibration", "params", "recipe"}
+PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path
+    text: str
+    backend: str
+    description: str
+    architectures: tuple
+    targets: object  # "default" or a list of regexes
+    calibration_samples: int
+    params: dict = field(default_factory=dict)
+    body: str = ""
+
+    def render(self, sparsity: float, targets: list[str], **extra) -> dict:
+        """The backend's recipe with the target sparsity (fraction), target names and params filled in."""
+        values = {**{k: json.dumps(v) for k, v in self.params.items()},
+                  "sparsity": repr(round(sparsity, 6)), "targets": json.dumps(targets),
+                  **{k: json.dumps(v) for k, v in extra.items()}}
+
+        def substitute(match: re.Match) -> str:
+            if match.group(1) not in values:
+                raise HarnessError(f"{self.path}: unknown placeholder ${{{match.group(1)}}} "
+                                   f"(known: {', '.join(sorted(values))})")
+            return values[match.group(1)]
+
+        try:
+            return yaml.safe_load(PLACEHOLDER.sub(substitute, self.body)) or {}
+        except yaml.YAMLError as exc:
+            raise HarnessError(f"{self.path}: the recipe body is not valid YAML after substitution: {exc}") from None
+
+    def with_params(self, overrides: dict) -> "Recipe":
+        unknown = sorted(set(overrides) - set(self.params))
+        if unknown:
+            raise HarnessError(f"recipe {self.name} has no parameter {', '.join(unknown)} "
+                               f"(it has: {', '.join(self.params) or 'none'})")
+        return Recipe(**{**self.__dict__, "params": {**self.params, **overrides}})
+
+
+def available() -> list[str]:
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.glob("*/*.yaml"))
+
+
+def load_recipe(name: str) -> Recipe:
+    """Read and validate `recipes/<name>.yaml` (or a path to a recipe file)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise HarnessError(f"unknown recipe '{name}': available are {', '.join(available())}")
+    text = path.read_text()
+    try:
+        header = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(header, dict):
+        raise HarnessError(f"recipe {path} must be a mapping with keys {', '.join(sorted(HEADER_KEYS))}")
+    unknown = sorted(set(header) - HEADER_KEYS)
+    missing = sorted({"backend", "recipe"} - set(header))
+    if unknown or missing:
+        problem = f"unknown keys {', '.join(unknown)}" if unknown else f"missing keys {', '.join(missing)}"
+        raise HarnessError(f"recipe {path}: {problem}")
+    from harness.backends import backend_names
+
+    if header["backend"] not in backend_names():
+        raise HarnessError(f"recipe {path}: unknown backend '{header['backend']}' "
+                           f"(available: {', '.join(backend_names())})")
+    targets = header.get("targets", "default")
+    if targets != "default" and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise HarnessError(f"recipe {path}: targets must be 'default' or a list of regexes")
+    body = header["recipe"]
+    if not isinstance(body, str):
+        body = yaml.safe_dump(body, sort_keys=False)
+    recipe_name = name if not name.endswith((".yaml", ".yml")) else path.stem
+    return Recipe(
+        name=recipe_name, path=path, text=text, backend=header["backend"],
+        description=header.get("description", ""),
+        architectures=tuple(header.get("architectures") or ("encoder", "decoder", "encoder-decoder")),
+        targets=targets, calibration_samples=int((header.get("calibration") or {}).get("samples", 0)),
+        params=dict(header.get("params") or {}), body=body,
+    )
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["steps=200", "lr=1e-4"]` -> `{"steps": 200, "lr": 0.0001}` (values parsed as YAML scalars)."""
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HarnessError(f"--set expects name=value, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides

@@ -1,0 +1,224 @@
+"""Run directories: `runs/<model>/<recipe>/<level>/`, their JSON manifest and atomic artifact writes.
+
+Every stage reads its inputs from and writes its outputs to a run directory, and records what it
+did in `manifest.json` under `stages.<name>`, so any stage can be rerun alone and a sweep can skip
+what is already finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from harness.errors import HarnessError
+from harness.paths import runs_dir
+
+MANIFEST = "manifest.json"
+MODEL_SUBDIR = "model"
+TRACKED_PACKAGES = (
+    "torch", "transformers", "sparseml", "deepsparse", "neural-compressor", "onnx", "onnxruntime",
+    "optimum", "optimum-onnx", "lm-eval", "compressed-tensors", "gguf", "numpy",
+)
+
+
+def safe_name(name: str) -> str:
+    """A model alias, Hub id or path turned into one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", name.strip("/")).strip("_") or "model"
+
+
+def parse_level(value: Any) -> float:
+    """Validate a sparsity level in percent: a number in [0, 100)."""
+    try:
+        level = float(value)
+    except (TypeError, ValueError):
+        raise HarnessError(f"LEVEL must be a number in [0, 100), got {value!r}") from None
+    if not 0 <= level < 100:
+        raise HarnessError(f"LEVEL must be in [0, 100) (percent of prunable weights set to zero), got {value!r}")
+    return level
+
+
+def level_name(level: float) -> str:
+    """`90.0` -> `"90"`, `99.5` -> `"99.5"`: the directory name of a level."""
+    return f"{level:g}"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file so that readers see either the old or the complete new content, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of a stage's inputs, to tell whether a finished stage is still current."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class PeakMemory:
+    """Samples this process's RSS in a background thread; `peak_mb` is the maximum seen."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak_bytes = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One model x recipe x level. `path` may not exist yet (before prune)."""
+
+    model: str
+    recipe: str
+    level: float
+
+    @property
+    def path(self) -> Path:
+        return runs_dir() / safe_name(self.model) / self.recipe / level_name(self.level)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_SUBDIR
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists() and self.model_dir.exists()
+
+    def require(self, *stages: str) -> "RunDir":
+        """Fail with one clear line if this run directory, or one of `stages` in it, is not finished yet."""
+        target = f"MODEL={self.model} LEVEL={level_name(self.level)} RECIPE={self.recipe}"
+        if not self.exists():
+            raise HarnessError(f"no run directory {self.path} - run `make prune {target}` first")
+        for stage in stages:
+            if (self.stage_record(stage) or {}).get("status") != "done":
+                raise HarnessError(f"{self.path} has no finished {stage} stage - run `make {stage} {target}` first")
+        return self
+
+    def manifest(self) -> dict:
+        return read_json(self.manifest_path) if self.manifest_path.exists() else {}
+
+    def stage_record(self, stage: str) -> dict | None:
+        return self.manifest().get("stages", {}).get(stage)
+
+    def is_current(self, stage: str, inputs_fingerprint: str, outputs: list[str]) -> bool:
+        """True when `stage` finished with the same inputs and all its outputs are still on disk."""
+        record = self.stage_record(stage)
+        return bool(
+            record
+            and record.get("status") == "done"
+            and record.get("inputs") == inputs_fingerprint
+            and all((self.path / out).exists() for out in outputs)
+        )
+
+
+
+def record_stage(manifest_path: Path, stage: str, record: dict) -> None:
+    """Store a stage's record under `stages.<stage>` in a manifest (atomically)."""
+    manifest = read_json(manifest_path) if manifest_path.exists() else {}
+    manifest.setdefault("stages", {})[stage] = record
+    write_json(manifest_path, manifest)
+
+
+@contextlib.contextmanager
+def stage_run(manifest_path: Path, stage: str, inputs_fingerprint: str, details: dict | None = None) -> Iterator[dict]:
+    """Time a stage, track its peak memory and record it in the manifest when it completes.
+
+    The body may add entries to the yielded dict; they are stored in the stage's manifest record.
+    Nothing is recorded if the body raises, so an interrupted stage is redone next time.
+    """
+    extra: dict = dict(details or {})
+    start = time.time()
+    with PeakMemory() as memory:
+        yield extra
+    record_stage(manifest_path, stage, {
+        "status": "done",
+        "inputs": inputs_fingerprint,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": round(time.time() - start, 2),
+        "peak_rss_mb": memory.peak_mb,
+        "command": " ".join(sys.argv),
+        "versions": package_versions(),
+        **extra,
+    })
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A temporary directory beside `final` that replaces it only if the body completes.
+
+    An interrupted or failed run leaves nothing at `final` (the old content, if any, stays until the
+    new one is complete).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
