@@ -82,14 +82,24 @@ class LoadedModel:
     tokenizer: Any
 
 
-@lru_cache(maxsize=1)
+def registry_files() -> list[Path]:
+    """harness/models.yaml, then any extra registry files listed in HARNESS_EXTRA_MODELS (os.pathsep-separated)."""
+    extra = [Path(p) for p in os.environ.get("HARNESS_EXTRA_MODELS", "").split(os.pathsep) if p]
+    return [REGISTRY_FILE, *extra]
+
+
 def registry() -> dict[str, ModelSpec]:
-    """All registry entries by alias."""
+    """All registry entries by alias (later files override earlier ones)."""
+    return {name: spec for path in registry_files() for name, spec in _read_registry(path).items()}
+
+
+@lru_cache(maxsize=None)
+def _read_registry(path: Path) -> dict[str, ModelSpec]:
     try:
-        entries = yaml.safe_load(REGISTRY_FILE.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"{REGISTRY_FILE} is not valid YAML: {exc}") from None
-    return {name: ModelSpec.from_dict(name, entry) for name, entry in entries.items()}
+        entries = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise HarnessError(f"model registry {path} cannot be read: {exc}") from None
+    return {name: ModelSpec.from_dict(name, entry, where=str(path)) for name, entry in entries.items()}
 
 
 def resolve_spec(model: str) -> ModelSpec:
@@ -190,11 +200,13 @@ def _from_config(spec: ModelSpec, config: dict) -> Path:
     return _build_once(spec, {**config})
 
 
-def _from_config_file(spec: ModelSpec, filename: str) -> Path:
-    path = CONFIGS_DIR / filename
+def _from_config_file(spec: ModelSpec, location: str | dict) -> Path:
+    """`gpt2-xl.json`, or `{file: gpt2-xl.json, n_layer: 1}` to override values (e.g. fewer layers)."""
+    overrides = dict(location) if isinstance(location, dict) else {"file": location}
+    path = CONFIGS_DIR / overrides.pop("file")
     if not path.exists():
         raise HarnessError(f"model '{spec.name}': config file {path} does not exist")
-    return _build_once(spec, json.loads(path.read_text()))
+    return _build_once(spec, {**json.loads(path.read_text()), **overrides})
 
 
 def _from_gguf(spec: ModelSpec, location: str) -> Path:

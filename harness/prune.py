@@ -65,6 +65,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     spec = load.resolve_spec(model)
     recipe = load_recipe(recipe_name).with_params(overrides or {})
     check_supported(recipe, spec)
+    load.checkpoint_dir(spec)  # fail on a missing model before anything is written
     run = RunDir(spec.name, recipe.name, level)
     inputs = fingerprint(spec.to_dict(), recipe.text, recipe.params, level, SEED)
     if not force and run.is_current("prune", inputs, [MODEL_SUBDIR, SPARSITY_FILE]):

@@ -1,0 +1,124 @@
+"""Sweep: every stage for every model x recipe x level, resuming finished work.
+
+Each stage is run through its own CLI entry point, in this process; each stage skips itself when its
+outputs exist and its inputs are unchanged, so rerunning a sweep does no work. A failing level is
+recorded with its error in `runs/<model>/sweep.json` and the sweep goes on with the next one.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+from tqdm import tqdm
+
+from harness import cli
+from harness.errors import HarnessError
+from harness.load import resolve_spec
+from harness.paths import runs_dir
+from harness.recipes import DEFAULT_RECIPE
+from harness.rundir import level_name, parse_level, read_json, safe_name, write_json
+
+STAGE_ORDER = ("prune", "analyze", "bench", "eval")
+DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
+SWEEP_FILE = "sweep.json"
+
+
+def stage_argv(stage: str, model: str, recipe: str, level: float, limit: int | None, force: bool) -> list[str]:
+    """The CLI arguments that run one stage on one run directory."""
+    argv = [stage, "--model", model, "--level", level_name(level), "--recipe", recipe]
+    if stage == "eval" and limit:
+        argv += ["--limit", str(limit)]
+    if force and stage == "prune":
+        argv.append("--force")
+    return argv
+
+
+def run_stage(argv: list[str]) -> None:
+    """Run one stage in-process through the CLI parser (raises what the stage raises)."""
+    args = cli.build_parser(argv[0]).parse_args(argv)
+    args.run(args)
+
+
+def parse_stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.replace(" ", ",").split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        raise HarnessError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGE_ORDER)})")
+    return [s for s in STAGE_ORDER if s in stages]
+
+
+def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
+          limit: int | None = None, force: bool = False) -> dict:
+    """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
+    levels = [parse_level(level) for level in levels]
+    specs = [resolve_spec(model) for model in models]
+    summary = {}
+    grid = [(spec, recipe, level) for spec in specs for recipe in recipes for level in levels]
+    progress = tqdm(total=len(grid) * len(stages), unit="stage", desc="sweep")
+    for spec in specs:
+        ledger_path = runs_dir() / safe_name(spec.name) / SWEEP_FILE
+        ledger = read_json(ledger_path) if ledger_path.exists() else {"runs": {}}
+        for recipe in recipes:
+            for level in levels:
+                key = f"{recipe}/{level_name(level)}"
+                statuses = {}
+                for stage in stages:
+                    progress.set_description(f"{spec.name} {key} {stage}")
+                    if stage == "eval" and spec.shape_only:
+                        statuses[stage] = {"status": "skipped", "reason": "shape-only model: random weights"}
+                    elif any(s["status"] == "failed" for s in statuses.values()):
+                        statuses[stage] = {"status": "skipped", "reason": "an earlier stage failed"}
+                    else:
+                        statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force))
+                    progress.update(1)
+                ledger["runs"][key] = {**ledger["runs"].get(key, {}), **statuses}
+                write_json(ledger_path, ledger)
+        summary[spec.name] = ledger["runs"]
+    progress.close()
+    _print_summary(summary, stages)
+    return summary
+
+
+def _attempt(argv: list[str]) -> dict:
+    start = time.time()
+    try:
+        run_stage(argv)
+    except HarnessError as exc:
+        tqdm.write(f"error: {' '.join(argv[:7])}: {exc}")
+        return {"status": "failed", "error": str(exc), "seconds": round(time.time() - start, 1)}
+    except Exception as exc:  # a library failure in one level must not stop the others
+        tqdm.write(f"error: {' '.join(argv[:7])}: {type(exc).__name__}: {exc}")
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8), "seconds": round(time.time() - start, 1)}
+    return {"status": "done", "seconds": round(time.time() - start, 1)}
+
+
+def _print_summary(summary: dict, stages: list[str]) -> None:
+    print(f"\n{'model':<16} {'recipe/level':<36} " + " ".join(f"{s:<8}" for s in stages))
+    for model, runs in summary.items():
+        for key, statuses in runs.items():
+            cells = " ".join(f"{statuses.get(s, {}).get('status', '-'):<8}" for s in stages)
+            print(f"{model:<16} {key:<36} {cells}")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", nargs="+", required=True, help="one or more models")
+    parser.add_argument("--recipe", action="append", default=None,
+                        help=f"recipe (repeatable; default {DEFAULT_RECIPE})")
+    parser.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), help="sparsity levels in percent")
+    parser.add_argument("--stages", default=",".join(STAGE_ORDER), help="comma-separated subset of "
+                        + ",".join(STAGE_ORDER))
+    parser.add_argument("--limit", type=int, default=None, help="examples per benchmark for eval")
+    parser.add_argument("--force", action="store_true", help="redo prune (and so every later stage)")
+
+
+def main(args) -> None:
+    if args.limit is not None and args.limit <= 0:
+        raise HarnessError(f"LIMIT must be a positive integer, got {args.limit}")
+    summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
+                    args.limit, args.force)
+    failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()
+              if any(s.get("status") == "failed" for s in st.values())]
+    if failed:
+        raise HarnessError(f"{len(failed)} run(s) failed, e.g. {failed[0][0]} {failed[0][1]}; "
+                           f"see runs/<model>/{SWEEP_FILE}; the others are complete")

@@ -1,0 +1,156 @@
+"""Registry, loading, run directories, recipes and the CLI's handling of bad input."""
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig
+
+from harness import cli, load
+from harness.errors import HarnessError
+from harness.recipes import available, load_recipe, parse_overrides
+from harness.rundir import parse_level, staging_dir, write_atomic
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_every_registry_entry_is_well_formed():
+    specs = load.registry()
+    assert {"gpt2xl", "deberta", "deberta-mnli", "m2m100", "minilm", "tiny-gpt2", "tiny-deberta",
+            "tiny-m2m100"} <= set(specs)
+    for spec in specs.values():
+        assert hasattr(transformers, spec.model_class), spec.name
+
+
+@pytest.mark.parametrize("name,architecture", [("tiny-gpt2", "decoder"), ("tiny-deberta", "encoder"),
+                                               ("tiny-m2m100", "encoder-decoder")])
+def test_tiny_models_build_deterministically_and_run(name, architecture):
+    loaded = load.load_model(name)
+    assert loaded.spec.architecture == architecture
+    params = sum(p.numel() for p in loaded.model.parameters())
+    assert 1e6 < params < 10e6
+    torch.manual_seed(load.BUILD_SEED)
+    rebuilt = getattr(transformers, loaded.spec.model_class).from_config(loaded.model.config)
+    for (name_a, a), (_, b) in zip(loaded.model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), name_a
+    batch = loaded.tokenizer("Sparsity, ça marche?", return_tensors="pt")
+    extra = {"decoder_input_ids": torch.tensor([[2]])} if architecture == "encoder-decoder" else {}
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(**batch, **extra)[0]).all()
+
+
+def test_minilm_is_the_real_pretrained_encoder():
+    loaded = load.load_model("minilm")
+    assert sum(p.numel() for p in loaded.model.parameters()) == 22_713_216
+    embeddings = []
+    for text in ("A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply."):
+        batch = loaded.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = loaded.model(**batch).last_hidden_state
+        embeddings.append(torch.nn.functional.normalize(hidden.mean(1), dim=-1))
+    similar = float(embeddings[0] @ embeddings[1].T)
+    unrelated = float(embeddings[0] @ embeddings[2].T)
+    assert similar > 0.5 > unrelated  # random weights would not separate paraphrase from unrelated
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tokenizer = load.byte_tokenizer("encoder-decoder", ("en", "fr"))
+    text = "Größe 42 — 日本語 ok"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert len(ids) == len(text.encode()) + 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer.convert_tokens_to_ids("__fr__") == len(load.SPECIAL_TOKENS) + 256 + 1
+
+
+@pytest.mark.parametrize("file,published", [("gpt2-xl.json", 1.558e9), ("deberta-v2-xxlarge.json", 1.5e9),
+                                            ("m2m100_1.2B.json", 1.2e9)])
+def test_shape_configs_match_published_parameter_counts(file, published):
+    values = json.loads((load.CONFIGS_DIR / file).read_text())
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    auto = {"gpt2": "AutoModelForCausalLM", "deberta-v2": "AutoModel", "m2m_100": "AutoModelForSeq2SeqLM"}
+    with torch.device("meta"):
+        model = getattr(transformers, auto[config.model_type]).from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params - published) / published < 0.05
+
+
+@pytest.mark.parametrize("value,ok", [("0", True), ("99.5", True), ("100", False), ("-1", False), ("abc", False)])
+def test_level_validation(value, ok):
+    if ok:
+        assert parse_level(value) == float(value)
+    else:
+        with pytest.raises(HarnessError, match="LEVEL"):
+            parse_level(value)
+
+
+def test_unknown_model_lists_the_known_aliases(capsys):
+    code, lines = run_cli(capsys, "prune", "--model", "no-such-model", "--level", "50")
+    assert code == 2 and len(lines) == 1
+    assert "minilm" in lines[0] and "tiny-gpt2" in lines[0]
+
+
+def test_bad_level_is_one_line(capsys):
+    code, lines = run_cli(capsys, "prune", "--model", "tiny-gpt2", "--level", "100")
+    assert code == 2 and lines == ["error: LEVEL must be in [0, 100) (percent of prunable weights set to zero), got '100'"]
+
+
+def test_hub_model_missing_offline_says_how_to_get_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    code, lines = run_cli(capsys, "prune", "--model", "gpt2xl", "--level", "50")
+    assert code == 2 and len(lines) == 1
+    assert "huggingface-cli download gpt2-xl" in lines[0]
+
+
+def test_recipes_are_listed_and_unknown_ones_rejected():
+    assert "sparseml/oneshot-magnitude" in available()
+    with pytest.raises(HarnessError, match="unknown recipe 'nope/x'.*sparseml/oneshot-magnitude"):
+        load_recipe("nope/x")
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("backend: sparseml\nrecipe: [unclosed\n", "not valid YAML"),
+    ("backend: sparseml\n", "missing keys recipe"),
+    ("backend: sparseml\nrecipe: x\ncolour: red\n", "unknown keys colour"),
+    ("backend: magic\nrecipe: x\n", "unknown backend 'magic'"),
+    ("backend: sparseml\nrecipe: x\ntargets: 3\n", "targets must be"),
+])
+def test_malformed_recipe_names_the_file_and_the_problem(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(HarnessError) as error:
+        load_recipe(str(path))
+    assert str(path) in str(error.value) and problem in str(error.value)
+
+
+def test_recipe_parameter_overrides():
+    assert parse_overrides(["steps=200", "lr=1e-4", "pattern=4x1"]) == {"steps": 200, "lr": 1e-4, "pattern": "4x1"}
+    with pytest.raises(HarnessError, match="name=value"):
+        parse_overrides(["steps"])
+    with pytest.raises(HarnessError, match="no parameter bogus"):
+        load_recipe("sparseml/oneshot-magnitude").with_params({"bogus": 1})
+
+
+def test_staging_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
+    final = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(final) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    for content in (b"old", b"new"):
+        with staging_dir(final) as tmp:
+            (tmp / "data").write_bytes(content)
+    assert (final / "data").read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_write_atomic_keeps_old_content_when_the_write_fails(tmp_path):
+    path = tmp_path / "a.json"
+    write_atomic(path, "old")
+    with pytest.raises(TypeError):
+        write_atomic(path, 12345)  # not str/bytes: fails inside the write
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
