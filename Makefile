@@ -59,8 +59,13 @@ sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RE
 report: $(STAMP)  ## reports/MODEL.md with plots (MODEL=all for every model with runs)
 	$(HARNESS) report --model $(MODEL) $(ARGS)
 
-bench-shapes: $(STAMP)  ## full-size GPT-2 XL / DeBERTa-v2-xxlarge / M2M100-1.2B shapes, random weights (long)
-	$(HARNESS) sweep --shapes $(ARGS)
+SHAPE_MODELS  ?= gpt2xl-shape deberta-shape m2m100-shape
+SHAPE_RECIPES ?= sparseml/oneshot-magnitude inc/oneshot-magnitude
+SHAPE_LEVELS  ?= 0 50 90 95 99
+
+bench-shapes: $(STAMP)  ## full-size GPT-2 XL / DeBERTa-v2-xxlarge / M2M100-1.2B shapes, random weights (long) -> reports/shapes.md
+	$(HARNESS) sweep --model $(SHAPE_MODELS) $(foreach r,$(SHAPE_RECIPES),--recipe $(r)) --levels $(SHAPE_LEVELS) --stages prune,analyze,bench $(ARGS)
+	$(HARNESS) report --model $(SHAPE_MODELS)
 
 test: $(STAMP)  ## the CI suite: unit tests and the end-to-end pipeline on tiny models
 	$(PY) -m pytest -m "not slow" $(ARGS)
