@@ -41,8 +41,8 @@ recipes: $(STAMP)  ## list the pruning recipes
 prune: $(STAMP)  ## prune MODEL to LEVEL % with RECIPE -> runs/MODEL/RECIPE/LEVEL/
 	$(HARNESS) prune --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
 
-analyze: $(STAMP)  ## sparsity structure of MODEL (alias or run dir) -> structure.json/csv + plots
-	$(HARNESS) analyze --model $(MODEL) $(ARGS)
+analyze: $(STAMP)  ## sparsity structure of MODEL (alias or run dir; LEVEL= for a run) -> analysis/ JSON, CSV, plots
+	$(HARNESS) analyze --model $(MODEL) $(if $(filter command line,$(origin LEVEL)),--level $(LEVEL) --recipe $(RECIPE)) $(ARGS)
 
 export: $(STAMP)  ## export a run to ONNX and check parity with PyTorch
 	$(HARNESS) export --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)

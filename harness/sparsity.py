@@ -39,6 +39,12 @@ def prunable_names(model: torch.nn.Module, targets="default") -> list[str]:
     return names
 
 
+def zero_fraction(tensors) -> float:
+    """Fraction of exact zeros over all elements of `tensors` taken together."""
+    tensors = list(tensors)
+    return sum(int((t == 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)
+
+
 def layer_of(name: str) -> str:
     """`model.decoder.layers.3.fc1.weight` -> `decoder.3`; names outside numbered blocks -> `other`."""
     match = BLOCK_INDEX.search(name)
@@ -49,7 +55,11 @@ def layer_of(name: str) -> str:
 
 
 def saved_tensors(model_dir: Path):
-    """Yield (name, tensor) for each tensor in a checkpoint's safetensors files, one at a time (mmap)."""
+    """Yield (name, tensor) for each tensor in a checkpoint's safetensors files, one at a time (mmap).
+
+    The file is reopened for each tensor: closing the handle releases the mapped pages, so resident
+    memory stays near one tensor instead of growing to the size of the whole file.
+    """
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -57,8 +67,11 @@ def saved_tensors(model_dir: Path):
         raise HarnessError(f"{model_dir} has no .safetensors weights")
     for file in files:
         with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+            names = list(handle.keys())
+        for name in names:
+            with safe_open(file, framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+            yield name, tensor
 
 
 def _matches(saved_name: str, wanted: set[str]) -> str | None:
