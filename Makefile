@@ -56,8 +56,8 @@ eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples
 sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RECIPE, resuming
 	$(HARNESS) sweep --model $(MODEL) --levels $(LEVELS) $(RECIPE_ARGS) --stages $(STAGES) $(LIMIT_ARG) $(ARGS)
 
-report: $(STAMP)  ## reports/MODEL.md with plots (MODEL=all for every model with runs)
-	$(HARNESS) report --model $(MODEL) $(ARGS)
+report: $(STAMP)  ## reports/MODEL.md with plots (without MODEL=: every model with runs)
+	$(HARNESS) report --model $(if $(filter command line environment,$(origin MODEL)),$(MODEL),all) $(ARGS)
 
 SHAPE_MODELS  ?= gpt2xl-shape deberta-shape m2m100-shape
 SHAPE_RECIPES ?= sparseml/oneshot-magnitude inc/oneshot-magnitude

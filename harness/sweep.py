@@ -6,6 +6,7 @@ recorded with its error in `runs/<model>/sweep.json` and the sweep goes on with 
 """
 from __future__ import annotations
 
+import shlex
 import time
 import traceback
 
@@ -23,14 +24,26 @@ DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
 SWEEP_FILE = "sweep.json"
 
 
-def stage_argv(stage: str, model: str, recipe: str, level: float, limit: int | None, force: bool) -> list[str]:
-    """The CLI arguments that run one stage on one run directory."""
+def stage_argv(stage: str, model: str, recipe: str, level: float, limit: int | None, force: bool,
+               stage_args: dict[str, list[str]] | None = None) -> list[str]:
+    """The CLI arguments that run one stage on one run directory (plus that stage's extra options)."""
     argv = [stage, "--model", model, "--level", level_name(level), "--recipe", recipe]
     if stage == "eval" and limit:
         argv += ["--limit", str(limit)]
     if force and stage == "prune":
         argv.append("--force")
-    return argv
+    return argv + list((stage_args or {}).get(stage, []))
+
+
+def parse_stage_args(values: list[str]) -> dict[str, list[str]]:
+    """`["bench:--iterations 5 --batch-sizes 1"]` -> `{"bench": ["--iterations", "5", "--batch-sizes", "1"]}`."""
+    parsed: dict[str, list[str]] = {}
+    for value in values or []:
+        stage, sep, rest = value.partition(":")
+        if not sep or stage not in STAGE_ORDER:
+            raise HarnessError(f"--stage-args expects STAGE:ARGS with STAGE one of {', '.join(STAGE_ORDER)}, got {value!r}")
+        parsed.setdefault(stage, []).extend(shlex.split(rest))
+    return parsed
 
 
 def run_stage(argv: list[str]) -> None:
@@ -48,7 +61,7 @@ def parse_stages(text: str) -> list[str]:
 
 
 def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
-          limit: int | None = None, force: bool = False) -> dict:
+          limit: int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None) -> dict:
     """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
     levels = [parse_level(level) for level in levels]
     specs = [resolve_spec(model) for model in models]
@@ -69,7 +82,7 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
                     elif any(s["status"] == "failed" for s in statuses.values()):
                         statuses[stage] = {"status": "skipped", "reason": "an earlier stage failed"}
                     else:
-                        statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force))
+                        statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force, stage_args))
                     progress.update(1)
                 ledger["runs"][key] = {**ledger["runs"].get(key, {}), **statuses}
                 write_json(ledger_path, ledger)
@@ -110,13 +123,15 @@ def add_arguments(parser) -> None:
                         + ",".join(STAGE_ORDER))
     parser.add_argument("--limit", type=int, default=None, help="examples per benchmark for eval")
     parser.add_argument("--force", action="store_true", help="redo prune (and so every later stage)")
+    parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE:ARGS",
+                        help="extra options for one stage, e.g. 'bench:--iterations 5 --batch-sizes 1'")
 
 
 def main(args) -> None:
     if args.limit is not None and args.limit <= 0:
         raise HarnessError(f"LIMIT must be a positive integer, got {args.limit}")
     summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
-                    args.limit, args.force)
+                    args.limit, args.force, parse_stage_args(args.stage_args))
     failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()
               if any(s.get("status") == "failed" for s in st.values())]
     if failed:

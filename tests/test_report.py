@@ -1,0 +1,190 @@
+"""The report stage over real tiny-model sweeps: complete, traceable to run files, and honest about gaps."""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import report, sweep
+from harness.errors import HarnessError
+from harness.paths import reports_dir, runs_dir
+
+MODEL = "tiny-gpt2"
+RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
+LEVELS = [0, 50]
+SECTIONS = ["Runs and gaps", "Concepts", "Methods used", "Sparsity reached", "Accuracy vs sparsity",
+            "Speed vs sparsity", "Size vs sparsity", "Sparsity structure", "Challenges, from the measured curves",
+            "Time and memory per stage"]
+# Small settings so the whole module stays within the CI budget (the stages' own CLI options): one short
+# bench scenario; eval on PyTorch only and on LAMBADA only (WikiText-2's rolling loglikelihood over whole
+# articles, and the DeepSparse check, take a minute or more per level).
+BENCHMARK = "lambada_openai"
+FAST_OPTIONS = {"bench": ["--batch-sizes", "1", "--seq-len", "32", "--iterations", "2", "--min-time", "0",
+                          "--warmup", "1"],
+                "eval": ["--engines", "pytorch", "--benchmarks", BENCHMARK]}
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:e[-+]\d+)?")
+LINK = re.compile(r"\[[^\]]*\]\(([^)]+)\)")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One real sweep in its own runs root: tiny-gpt2, two recipes, levels 0 and 50, every stage."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("report-runs")))
+        patch.setenv("HARNESS_REPORTS", str(tmp_path_factory.mktemp("reports")))
+        summary = sweep.sweep([MODEL], RECIPES, LEVELS, list(sweep.STAGE_ORDER), limit=2, stage_args=FAST_OPTIONS)
+        statuses = {key: {stage: record["status"] for stage, record in stages.items()}
+                    for key, stages in summary[MODEL].items()}
+        assert all(status == "done" for stages in statuses.values() for status in stages.values()), statuses
+        yield runs_dir()
+
+
+@pytest.fixture
+def scratch(swept, tmp_path, monkeypatch):
+    """A copy of the swept runs (JSON only) and an empty reports directory, for tests that damage runs."""
+    runs = tmp_path / "runs"
+    shutil.copytree(swept, runs, ignore=shutil.ignore_patterns("model", "onnx", "compressed", "*.png"))
+    monkeypatch.setenv("HARNESS_RUNS", str(runs))
+    monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path / "reports"))
+    return runs / MODEL
+
+
+def headings(markdown: str) -> list[str]:
+    return [line[3:] for line in markdown.splitlines() if line.startswith("## ")][1:]  # after the contents
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Cells of every markdown table row that links a run directory (header and rule rows excluded)."""
+    rows = []
+    for line in markdown.splitlines():
+        if line.startswith("| ") and "](" in line:
+            rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return rows
+
+
+def file_numbers(run_dir: Path) -> set[str]:
+    """Every number stored in a run directory's JSON files (and digit-string keys such as layer indices),
+    written as the report writes numbers: as stored, or a fraction in percent."""
+    found = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key.isdigit():
+                    found.add(key)
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.update({report.number(value), report.number(100 * value)})
+
+    for path in [run_dir / "manifest.json", *run_dir.glob("*.json"), *run_dir.glob("analysis/*.json")]:
+        walk(json.loads(path.read_text()))
+    return found
+
+
+def test_report_is_complete_and_every_table_number_comes_from_the_run_files(swept):
+    (path,) = report.report([MODEL])
+    markdown = path.read_text()
+    assert headings(markdown) == SECTIONS
+    assert "No gaps" in markdown
+    assert f"### {BENCHMARK}" in markdown
+    for recipe in RECIPES:
+        assert f"### `{recipe}`" in markdown  # the methods section describes each recipe
+    assert "Intel Neural Compressor" in markdown and "SparseML" in markdown
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(images) == 4  # accuracy (one benchmark), speed, size, structure
+    for image in images:
+        png = (path.parent / image).resolve()
+        assert png.parent == reports_dir() and png.read_bytes().startswith(PNG_SIGNATURE)
+        assert png.stat().st_size > 5000, png
+
+    rows = table_rows(markdown)
+    assert len(rows) > 20
+    runs_seen = set()
+    for row in rows:
+        links = [LINK.search(cell).group(1) for cell in row if LINK.search(cell)]
+        run_dir = (path.parent / links[-1]).resolve()
+        assert run_dir.parent.parent.parent == swept / MODEL, run_dir
+        runs_seen.add(run_dir)
+        allowed = file_numbers(run_dir)
+        for cell in row:
+            if "](" in cell:
+                continue
+            for token in NUMBER.findall(cell):
+                assert token in allowed, (token, row)
+    assert len(runs_seen) == len(RECIPES) * len(LEVELS)
+
+    # generation is deterministic: a second report is byte-identical
+    assert report.report([MODEL])[0].read_text() == markdown
+
+
+def test_report_names_missing_stage_outputs_instead_of_failing(scratch):
+    run = scratch / RECIPES[1] / "50"
+    (run / "eval.json").unlink()
+    shutil.rmtree(run / "analysis")
+    markdown = report.report([MODEL])[0].read_text()
+    assert headings(markdown) == SECTIONS
+    assert (f"missing `eval.json`: run `make eval MODEL={MODEL} LEVEL=50 RECIPE={RECIPES[1]}`") in markdown
+    assert "missing `analysis/structure.json`: run `make analyze MODEL=" in markdown
+    assert markdown.count(f"- `{RECIPES[1]}` level 50 %") == 2  # exactly the two damaged outputs
+
+    for level in LEVELS:  # no bench output anywhere: the sections say so
+        for recipe in RECIPES:
+            (scratch / recipe / str(level) / "bench.json").unlink()
+    markdown = report.report([MODEL])[0].read_text()
+    assert "Missing: no run has `bench.json`" in markdown
+    assert "Missing: sizes come from `bench.json`" in markdown
+    assert not list(reports_dir().glob(f"{MODEL}.speedup.png"))  # stale plots are removed
+
+
+def test_failed_level_in_the_sweep_ledger_is_marked_as_a_gap(scratch, monkeypatch):
+    (scratch / RECIPES[0] / "50" / "bench.json").unlink()
+
+    def failing_stage(argv):
+        raise HarnessError("DeepSparse cannot compile this graph (planted failure)")
+
+    monkeypatch.setattr(sweep, "run_stage", failing_stage)
+    sweep.sweep([MODEL], [RECIPES[0]], [50], ["bench"])
+    ledger = json.loads((scratch / "sweep.json").read_text())["runs"]
+    assert ledger[f"{RECIPES[0]}/50"]["bench"]["status"] == "failed"
+
+    markdown = report.report([MODEL])[0].read_text()
+    assert f"`{RECIPES[0]}` level 50 %, bench: failed in the sweep: DeepSparse cannot compile" in markdown
+    coverage = markdown.split("## Runs and gaps")[1].split("## ")[0]
+    (row,) = [line for line in coverage.splitlines() if line.startswith(f"| {RECIPES[0]} | 50 |")]
+    assert "FAILED" in row
+    speed = markdown.split("## Speed vs sparsity")[1].split("## ")[0]
+    assert f"{RECIPES[0]}/50" not in speed and f"{RECIPES[1]}/50" in speed  # the other level is complete
+
+
+def test_shape_only_model_has_no_accuracy_and_a_combined_shapes_table(scratch):
+    manifests = list(scratch.rglob("manifest.json"))
+    for path in manifests:  # the same runs, presented as a shape-only model
+        manifest = json.loads(path.read_text())
+        manifest["spec"]["shape_only"] = manifest["shape_only"] = True
+        path.write_text(json.dumps(manifest))
+    written = report.report([MODEL])
+    assert [p.name for p in written] == [f"{MODEL}.md", "shapes.md"]
+    markdown = written[0].read_text()
+    assert "shape-only" in markdown.splitlines()[0]
+    assert "Not measured: this is a shape-only model" in markdown
+    assert f"### {BENCHMARK}" not in markdown and "missing `eval.json`" not in markdown
+    shapes = written[1].read_text()
+    assert "## Speedup and efficiency vs the FLOP-ideal" in shapes and "## Peak memory per stage" in shapes
+    rows = table_rows(shapes)
+    assert {row[0] for row in rows} == {MODEL}
+    for row in rows:
+        run_dir = (written[1].parent / LINK.search(row[-1]).group(1)).resolve()
+        allowed = file_numbers(run_dir)
+        assert all(token in allowed for cell in row[1:-1] for token in NUMBER.findall(cell)), row
+
+
+def test_unknown_model_is_one_clear_error(swept):
+    with pytest.raises(HarnessError, match="run `make sweep MODEL=no-such-model` first"):
+        report.report(["no-such-model"])
