@@ -44,6 +44,13 @@ class Recipe:
 
     def render(self, sparsity: float, targets: list[str], **extra) -> dict:
         """The backend's recipe with the target sparsity (fraction), target names and params filled in."""
+        try:
+            return yaml.safe_load(self.render_text(sparsity, targets, **extra)) or {}
+        except yaml.YAMLError as exc:
+            raise HarnessError(f"{self.path}: the recipe body is not valid YAML after substitution: {exc}") from None
+
+    def render_text(self, sparsity: float, targets: list[str], **extra) -> str:
+        """`render` before YAML parsing, for recipe formats plain YAML cannot load (SparseML's `!Modifier` tags)."""
         values = {**{k: json.dumps(v) for k, v in self.params.items()},
                   "sparsity": repr(round(sparsity, 6)), "targets": json.dumps(targets),
                   **{k: json.dumps(v) for k, v in extra.items()}}
@@ -54,10 +61,7 @@ class Recipe:
                                    f"(known: {', '.join(sorted(values))})")
             return values[match.group(1)]
 
-        try:
-            return yaml.safe_load(PLACEHOLDER.sub(substitute, self.body)) or {}
-        except yaml.YAMLError as exc:
-            raise HarnessError(f"{self.path}: the recipe body is not valid YAML after substitution: {exc}") from None
+        return PLACEHOLDER.sub(substitute, self.body)
 
     def with_params(self, overrides: dict) -> "Recipe":
         unknown = sorted(set(overrides) - set(self.params))
@@ -109,12 +113,24 @@ def load_recipe(name: str) -> Recipe:
     )
 
 
+def parse_value(text: str):
+    """A `--set` value: JSON first (PyYAML reads `1e-4` as a string), then YAML; `2:4` stays a string
+    (YAML 1.1 reads it as the base-60 number 124)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[\d_]+(:[\d_]+)+", text):
+        return text
+    return yaml.safe_load(text)
+
+
 def parse_overrides(pairs: list[str]) -> dict:
-    """`["steps=200", "lr=1e-4"]` -> `{"steps": 200, "lr": 0.0001}` (values parsed as YAML scalars)."""
+    """`["steps=200", "lr=1e-4", "pattern=2:4"]` -> `{"steps": 200, "lr": 0.0001, "pattern": "2:4"}`."""
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise HarnessError(f"--set expects name=value, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = parse_value(value)
     return overrides
