@@ -1,0 +1,146 @@
+"""SparseML 1.8 pruning, through whichever of its two APIs the recipe is written for.
+
+- Legacy `sparseml.pytorch` recipes (modifiers tagged `- !GMPruningModifier`) run through a
+  `ScheduledModifierManager`. A recipe without an `!EpochRangeModifier` is applied one-shot
+  (`manager.apply`: every modifier jumps to its end state). A recipe with one is a training
+  schedule: the harness fine-tunes for that many steps, one optimizer step per SparseML epoch
+  (steps_per_epoch = 1), calling the manager around each step the way SparseML's own optimizer
+  wrapper does; only the target weights train, so every other tensor stays bit-identical.
+  (Magnitude pruning uses this API: in 1.8.0, `sparseml.core`'s MagnitudePruningModifier writes its
+  masks into the weights only on optimizer-step events, so it cannot prune one-shot.)
+- `sparseml.core` recipes (plain YAML stages, e.g. `SparseGPTModifier`) run one-shot in a
+  `sparseml.core` session with the job's calibration batches.
+
+GPT-2's transformers `Conv1D` stores its weight as [in, out]: SparseGPT transposes it itself, and an
+unstructured magnitude mask does not depend on the orientation (a block `mask_type` would). SparseML
+is imported only when pruning: it takes seconds to import.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+
+import yaml
+
+from harness import sparsity
+from harness.backends import PruneJob, _training
+from harness.errors import HarnessError
+
+# Before SparseML is imported: otherwise it starts a thread posting usage analytics to Google.
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
+LEGACY_MODIFIER_TAG = re.compile(r"!\w+Modifier\b")
+LEVEL_TOLERANCE = 0.01  # a fraction: the achieved sparsity must be within 1 point of the target
+STEPS_PER_EPOCH = 1  # one fine-tuning step per SparseML epoch: a training recipe's epochs count steps
+LOGGER = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet_sparseml():
+    """SparseML logs every layer it prepares and compresses at INFO; keep its warnings."""
+    from sparseml.log import get_nm_root_logger  # importing SparseML sets its level to INFO
+
+    sparseml_logger = get_nm_root_logger()
+    level = sparseml_logger.level
+    sparseml_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        sparseml_logger.setLevel(level)
+
+
+def _loggers(logger_module):
+    """SparseML's default loggers write files into ./sparse_logs; send its logs to Python logging instead."""
+    return logger_module.LoggerManager([logger_module.PythonLogger(logger=LOGGER)])
+
+
+def _training_steps(manager) -> int:
+    """The end of the recipe's EpochRangeModifier (its training length), 0 for a one-shot recipe."""
+    from sparseml.pytorch.sparsification import EpochRangeModifier
+
+    ends = [mod.end_epoch for mod in manager.iter_modifiers() if isinstance(mod, EpochRangeModifier)]
+    return round(max(ends)) if ends else 0
+
+
+def _fine_tune_with(manager, job: PruneJob, steps: int, loggers) -> None:
+    """Train `steps` steps on the calibration batches with the manager's schedule, then end it."""
+    if not job.calibration:
+        raise HarnessError(f"recipe {job.recipe.name} fine-tunes for {steps} steps: give it calibration data "
+                           f"(`calibration: {{samples: N}}` in its header)")
+    if "lr" not in job.recipe.params:
+        raise HarnessError(f"recipe {job.recipe.name} fine-tunes for {steps} steps: add `lr` to its params")
+    model = job.model
+
+    def start(step: int) -> None:
+        # Initialized here, not before fine_tune, so fine_tune's distillation teacher copies the dense model.
+        if step == 0:
+            manager.initialize(model, epoch=0.0, loggers=loggers)
+
+    # Pruning modifiers do not use the optimizer argument, and fine_tune keeps its optimizer to itself.
+    def before_optimizer_step(step: int) -> None:
+        manager.update(model, None, float(step), STEPS_PER_EPOCH)
+        manager.optimizer_pre_step(model, None, float(step), STEPS_PER_EPOCH)
+
+    def after_step(step: int) -> None:
+        manager.optimizer_post_step(model, None, float(step), STEPS_PER_EPOCH)
+
+    with _training.only_trainable(model, job.targets):
+        _training.fine_tune(model, job.calibration, steps, float(job.recipe.params["lr"]), before_step=start,
+                            before_optimizer_step=before_optimizer_step, after_step=after_step,
+                            desc="SparseML pruning")
+    # One more update at the end of the schedule, so a ramp ending with the training lands on its target.
+    manager.update(model, None, float(steps), STEPS_PER_EPOCH)
+    manager.finalize(model)
+
+
+def _run_manager(job: PruneJob) -> None:
+    """A legacy `sparseml.pytorch` recipe: one-shot, or a training schedule over the calibration text."""
+    from sparseml.pytorch import utils as logger_module
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    text = job.recipe.render_text(job.sparsity, job.targets)
+    try:
+        manager = ScheduledModifierManager.from_yaml(text)
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
+        raise HarnessError(f"recipe {job.recipe.path}: SparseML cannot load it: {exc}") from None
+    steps = _training_steps(manager)
+    if steps:
+        _fine_tune_with(manager, job, steps, _loggers(logger_module))
+    else:
+        manager.apply(job.model, loggers=_loggers(logger_module))
+
+
+def _run_session(job: PruneJob) -> None:
+    """A `sparseml.core` recipe, applied one-shot with the calibration batches."""
+    from sparseml import core as logger_module
+    from sparseml.core.framework import Framework
+    from sparseml.core.recipe import Recipe
+    from sparseml.core.session import create_session
+
+    if not job.calibration:
+        raise HarnessError(f"recipe {job.recipe.name} calibrates on data: give it `calibration: {{samples: N}}`")
+    try:
+        recipe = Recipe.model_validate(job.rendered())
+    except ValueError as exc:
+        raise HarnessError(f"recipe {job.recipe.path}: not a sparseml.core recipe: {exc}") from None
+    with create_session() as session:
+        session.initialize(framework=Framework.pytorch, recipe=recipe, model=job.model,
+                           calib_data=job.calibration, start=-1, loggers=_loggers(logger_module))
+        session.finalize()
+
+
+def prune(job: PruneJob) -> None:
+    """Prune `job.targets` to `job.sparsity` with the SparseML recipe; fails if the level is missed."""
+    legacy = LEGACY_MODIFIER_TAG.search(job.recipe.body)
+    with _quiet_sparseml():
+        (_run_manager if legacy else _run_session)(job)
+    params = dict(job.model.named_parameters())
+    achieved = sparsity.zero_fraction(params[name] for name in job.targets)
+    if abs(achieved - job.sparsity) > LEVEL_TOLERANCE:
+        raise HarnessError(f"recipe {job.recipe.name} left the targets {achieved:.2%} sparse instead of "
+                           f"{job.sparsity:.2%}: check that its schedule ends on the target (${{sparsity}})")
+    api = "sparseml.pytorch manager" if legacy else "sparseml.core session"
+    job.progress(f"sparseml: the targets are {achieved:.2%} sparse ({api})")

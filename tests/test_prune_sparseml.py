@@ -1,0 +1,188 @@
+"""SparseML backend: each recipe on each tiny architecture, checked against the saved weights.
+
+Every check reads the safetensors files the prune stage wrote and compares them with the source
+checkpoint: sparsity of the target weights, bit-identical other tensors, and what distinguishes the
+methods (magnitude pruning keeps the largest weights untouched; SparseGPT reconstructs the rest).
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from harness import load, prune, sparsity
+from harness.backends import PruneJob, _training
+from harness.backends import sparseml as sparseml_backend
+from harness.errors import HarnessError
+from harness.paths import PROJECT_ROOT
+from harness.recipes import load_recipe
+from harness.rundir import RunDir, read_json
+
+TINY_MODELS = ("tiny-gpt2", "tiny-deberta", "tiny-m2m100")
+RECIPES = ("sparseml/oneshot-magnitude", "sparseml/gradual-magnitude", "sparseml/oneshot-sparsegpt")
+CASES = [(model, recipe, 90) for recipe in RECIPES for model in TINY_MODELS] + [
+    ("tiny-gpt2", "sparseml/oneshot-magnitude", 50),
+    ("tiny-deberta", "sparseml/oneshot-magnitude", 50),
+    ("tiny-m2m100", "sparseml/oneshot-magnitude", 50),
+    ("tiny-deberta", "sparseml/oneshot-sparsegpt", 50),
+]
+TOLERANCE_POINTS = 1.0
+
+
+def tensors(model_dir) -> dict:
+    return dict(sparsity.saved_tensors(model_dir))
+
+
+def percent_zero(weights: list[torch.Tensor]) -> float:
+    return 100.0 * sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def forward(loaded: load.LoadedModel) -> torch.Tensor:
+    batch = loaded.tokenizer("Sparse networks, ça marche?", return_tensors="pt")
+    if loaded.spec.architecture == "encoder-decoder":
+        batch["decoder_input_ids"] = batch["input_ids"][:, :4]
+    with torch.no_grad():
+        return loaded.model(**batch)[0]
+
+
+@pytest.fixture(scope="module")
+def sources():
+    """Per model: its target weight names and the tensors of its source checkpoint."""
+    cache = {}
+
+    def get(model: str):
+        if model not in cache:
+            loaded = load.load_model(model)
+            cache[model] = (sparsity.prunable_names(loaded.model), tensors(load.checkpoint_dir(loaded.spec)))
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """Runs each (model, recipe, level) once, from a scratch working directory; returns run and wall time."""
+    cache = {}
+    workdir = tmp_path_factory.mktemp("cwd")
+
+    def get(model: str, recipe: str, level: int):
+        key = (model, recipe, level)
+        if key not in cache:
+            cwd = os.getcwd()
+            os.chdir(workdir)
+            try:
+                started = time.perf_counter()
+                run = prune.prune(model, level, recipe)
+                cache[key] = (run, time.perf_counter() - started)
+            finally:
+                os.chdir(cwd)
+            assert not (workdir / "sparse_logs").exists(), "SparseML wrote its log files into the working directory"
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("model,recipe,level", CASES)
+def test_prune_reaches_level_and_changes_only_targets(pruned, sources, model, recipe, level):
+    run, seconds = pruned(model, recipe, level)
+    targets, source = sources(model)
+    saved = tensors(run.model_dir)
+    assert set(targets) <= set(saved) <= set(source)
+
+    achieved = percent_zero([saved[name] for name in targets])
+    print(f"{model} {recipe} {level}%: achieved {achieved:.3f}% in {seconds:.1f} s")
+    assert abs(achieved - level) <= TOLERANCE_POINTS
+    assert read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"] == pytest.approx(achieved, abs=1e-3)
+    for name in targets:  # every recipe here prunes layer by layer
+        assert abs(percent_zero([saved[name]]) - level) <= TOLERANCE_POINTS, name
+    for name in set(saved) - set(targets):
+        assert saved[name].dtype == source[name].dtype and torch.equal(saved[name], source[name]), name
+
+    loaded = load.load_model(str(run.path))
+    assert torch.isfinite(forward(loaded)).all()
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_oneshot_magnitude_keeps_the_largest_weights_untouched(pruned, sources, model):
+    run, _ = pruned(model, "sparseml/oneshot-magnitude", 90)
+    targets, source = sources(model)
+    saved = tensors(run.model_dir)
+    for name in targets:
+        kept = saved[name] != 0
+        assert torch.equal(saved[name][kept], source[name][kept]), name
+        assert source[name][kept].abs().min() >= source[name][~kept].abs().max(), name
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_sparsegpt_reconstructs_the_kept_weights(pruned, sources, model):
+    run, _ = pruned(model, "sparseml/oneshot-sparsegpt", 90)
+    targets, source = sources(model)
+    saved = tensors(run.model_dir)
+    for name in targets:
+        kept = saved[name] != 0
+        assert not torch.equal(saved[name][kept], source[name][kept]), name
+    # not magnitude pruning: some pruned weights were larger than some kept ones
+    name = targets[0]
+    kept = saved[name] != 0
+    assert source[name][kept].abs().min() < source[name][~kept].abs().max()
+
+
+@pytest.mark.parametrize("hold_steps", [3, 0])
+def test_gradual_schedule_ramps_then_holds_at_the_target(monkeypatch, hold_steps):
+    """Sparsity after each fine-tuning step: init_sparsity first, rising, the target from step `steps` on."""
+    steps, level = 6, 80
+    real_fine_tune = _training.fine_tune
+    after_each_step = []
+
+    def recording_fine_tune(model, batches, n_steps, lr, after_step, **kwargs):
+        params = dict(model.named_parameters())
+        weights = [params[name] for name in sparsity.prunable_names(model)]
+
+        def record(step):
+            after_step(step)
+            after_each_step.append(percent_zero(weights))
+
+        real_fine_tune(model, batches, n_steps, lr, after_step=record, **kwargs)
+
+    monkeypatch.setattr(_training, "fine_tune", recording_fine_tune)
+    run = prune.prune("tiny-gpt2", level, "sparseml/gradual-magnitude", force=True,
+                      overrides={"steps": steps, "hold_steps": hold_steps, "update_frequency": 1})
+    assert len(after_each_step) == steps + hold_steps
+    assert after_each_step[0] == pytest.approx(5.0, abs=0.1)
+    assert all(a <= b + 1e-9 for a, b in zip(after_each_step, after_each_step[1:]))
+    assert 10 < after_each_step[steps // 2] < level - 5
+    assert all(abs(s - level) <= TOLERANCE_POINTS for s in after_each_step[steps:])
+    assert abs(read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"] - level) <= TOLERANCE_POINTS
+
+
+def test_a_recipe_that_misses_the_level_is_an_error(tmp_path):
+    recipe_file = tmp_path / "fixed.yaml"
+    text = (PROJECT_ROOT / "recipes/sparseml/oneshot-magnitude.yaml").read_text()
+    recipe_file.write_text(text.replace("final_sparsity: ${sparsity}", "final_sparsity: 0.5")
+                           .replace("init_sparsity: ${sparsity}", "init_sparsity: 0.5"))
+    loaded = load.load_model("tiny-gpt2")
+    job = PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec,
+                   recipe=load_recipe(str(recipe_file)), sparsity=0.9,
+                   targets=sparsity.prunable_names(loaded.model))
+    with pytest.raises(HarnessError, match="50.00% sparse instead of 90.00%"):
+        sparseml_backend.prune(job)
+
+
+def test_minilm_end_to_end_through_the_cli(sources):
+    """`make prune MODEL=minilm LEVEL=90` (the default recipe), in a fresh process."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "harness", "prune", "--model", "minilm", "--level", "90"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = RunDir("minilm", "sparseml/oneshot-magnitude", 90)
+    targets, source = sources("minilm")
+    saved = tensors(run.model_dir)
+    achieved = percent_zero([saved[name] for name in targets])
+    print(f"minilm sparseml/oneshot-magnitude 90%: achieved {achieved:.3f}% in {seconds:.1f} s (CLI)")
+    assert abs(achieved - 90) <= TOLERANCE_POINTS
+    for name in set(saved) - set(targets):
+        assert torch.equal(saved[name], source[name]), name
+    assert torch.isfinite(forward(load.load_model(str(run.path)))).all()
