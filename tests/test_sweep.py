@@ -1,0 +1,83 @@
+"""Sweep: a grid of runs that resumes, redoes exactly what is missing, and survives a failing level."""
+import pytest
+
+from harness import sweep
+from harness.errors import HarnessError
+from harness.paths import runs_dir
+from harness.rundir import RunDir, read_json
+
+MODEL = "tiny-gpt2"
+RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
+LEVELS = [0, 50]
+STAGES = ["prune", "analyze"]
+
+
+def finished_times() -> dict:
+    """(recipe, level, stage) -> the time the manifest says that stage finished."""
+    times = {}
+    for recipe in RECIPES:
+        for level in LEVELS:
+            stages = RunDir(MODEL, recipe, level).manifest()["stages"]
+            times.update({(recipe, level, stage): stages[stage]["finished"] + str(stages[stage]["wall_time_s"])
+                          for stage in STAGES})
+    return times
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("sweep-runs")))
+        summary = sweep.sweep([MODEL], RECIPES, LEVELS, STAGES)
+        yield summary
+
+
+def test_sweep_runs_every_stage_of_the_grid(swept):
+    assert set(swept[MODEL]) == {f"{r}/{lv}" for r in RECIPES for lv in LEVELS}
+    assert all(s["status"] == "done" for stages in swept[MODEL].values() for s in stages.values())
+    for recipe in RECIPES:
+        measured = read_json(RunDir(MODEL, recipe, 50).path / "sparsity.json")["achieved_percent"]
+        assert abs(measured - 50) <= 1
+        assert (RunDir(MODEL, recipe, 50).path / "analysis" / "structure.json").exists()
+    ledger = read_json(runs_dir() / MODEL / "sweep.json")
+    assert ledger["runs"]["inc/oneshot-magnitude/50"]["analyze"]["status"] == "done"
+
+
+def test_rerun_does_no_work_and_a_deleted_output_reruns_exactly_its_stage(swept):
+    before = finished_times()
+    sweep.sweep([MODEL], RECIPES, LEVELS, STAGES)
+    assert finished_times() == before
+
+    (RunDir(MODEL, RECIPES[1], 50).path / "analysis" / "structure.json").unlink()
+    sweep.sweep([MODEL], RECIPES, LEVELS, STAGES)
+    after = finished_times()
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {(RECIPES[1], 50, "analyze")}
+
+
+def test_a_failing_level_is_recorded_and_the_others_complete(swept, monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_RUNS", str(tmp_path))
+    from harness.backends import sparseml
+
+    real_prune = sparseml.prune
+
+    def fail_at_50(job):
+        if job.sparsity == 0.5:
+            raise RuntimeError("planted failure")
+        return real_prune(job)
+
+    monkeypatch.setattr(sparseml, "prune", fail_at_50)
+    summary = sweep.sweep([MODEL], RECIPES[:1], [0, 50], STAGES)[MODEL]
+    assert summary[f"{RECIPES[0]}/50"]["prune"]["status"] == "failed"
+    assert "planted failure" in summary[f"{RECIPES[0]}/50"]["prune"]["error"]
+    assert summary[f"{RECIPES[0]}/50"]["analyze"]["status"] == "skipped"
+    assert all(s["status"] == "done" for s in summary[f"{RECIPES[0]}/0"].values())
+    assert not RunDir(MODEL, RECIPES[0], 50).path.exists()  # nothing half-written
+
+
+def test_bad_sweep_arguments_are_one_line_errors():
+    with pytest.raises(HarnessError, match="unknown stage 'train'"):
+        sweep.parse_stages("prune,train")
+    with pytest.raises(HarnessError, match="STAGE:ARGS"):
+        sweep.parse_stage_args(["--iterations 2"])
+    assert sweep.parse_stage_args(["bench:--iterations 2 --batch-sizes 1"]) == {
+        "bench": ["--iterations", "2", "--batch-sizes", "1"]}
