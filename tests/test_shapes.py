@@ -1,0 +1,66 @@
+"""Smoke test of `make bench-shapes` in CI: one block of each full-size shape through the same code path.
+
+The hidden sizes, heads and FFN widths are the published ones (harness/configs/); only the number of
+layers (1) and the vocabulary (1,024) are cut so CI stays fast. The full run is `make bench-shapes`.
+"""
+import pytest
+import yaml
+
+from harness import load, sweep
+from harness.errors import HarnessError
+from harness.rundir import RunDir, read_json
+
+SHAPES = {
+    "gpt2xl-shape": {"file": "gpt2-xl.json", "n_layer": 1},
+    "deberta-shape": {"file": "deberta-v2-xxlarge.json", "num_hidden_layers": 1},
+    "m2m100-shape": {"file": "m2m100_1.2B.json", "encoder_layers": 1, "decoder_layers": 1},
+}
+RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
+FAST_BENCH = ["--batch-sizes", "1", "--seq-len", "32", "--iterations", "2", "--min-time", "0", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def one_block_shapes(tmp_path_factory):
+    """Registry entries `<shape>-1block`: the real entries with one block and a small vocabulary."""
+    entries = {}
+    for name, config in SHAPES.items():
+        entry = load.registry()[name].to_dict()
+        entry["source"] = {"config_file": {**config, "vocab_size": 1024}}
+        entries[f"{name}-1block"] = {k: v for k, v in entry.items() if k != "name"}
+    extra = tmp_path_factory.mktemp("registry") / "shapes.yaml"
+    extra.write_text(yaml.safe_dump(entries))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_EXTRA_MODELS", str(extra))
+        patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("shape-runs")))
+        summary = sweep.sweep(list(entries), RECIPES, [0, 90], ["prune", "analyze", "bench", "eval"],
+                              stage_args={"bench": FAST_BENCH})
+        yield summary
+
+
+def test_every_shape_goes_through_prune_analyze_and_bench(one_block_shapes):
+    for model, runs in one_block_shapes.items():
+        for key, stages in runs.items():
+            assert {s: stages[s]["status"] for s in ("prune", "analyze", "bench")} == dict.fromkeys(
+                ("prune", "analyze", "bench"), "done"), (model, key, stages)
+            assert stages["eval"]["status"] == "skipped" and "shape-only" in stages["eval"]["reason"]
+
+
+def test_shape_runs_are_labelled_and_measured(one_block_shapes):
+    for model in one_block_shapes:
+        for recipe in RECIPES:
+            run = RunDir(model, recipe, 90)
+            assert run.manifest()["shape_only"] is True
+            assert abs(read_json(run.path / "sparsity.json")["achieved_percent"] - 90) <= 1
+            bench = read_json(run.path / "bench.json")
+            assert bench["results"]["onnxruntime"]["b1_s32"]["median_ms"] > 0
+            assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
+            assert run.manifest()["stages"]["prune"]["peak_rss_mb"] > 0
+
+
+def test_eval_refuses_a_shape_only_model(one_block_shapes):
+    from harness import cli
+
+    args = cli.build_parser("eval").parse_args(
+        ["eval", "--model", "gpt2xl-shape-1block", "--level", "90", "--recipe", RECIPES[0]])
+    with pytest.raises(HarnessError, match="shape"):
+        args.run(args)
