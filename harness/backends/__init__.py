@@ -9,7 +9,9 @@ Adding a backend (e.g. plain `torch.nn.utils.prune`) is one new file here and a 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -41,6 +43,17 @@ class PruneJob:
     def target_modules(self) -> list[str]:
         """Module names of the target weights (`...fc1.weight` -> `...fc1`)."""
         return [name.rsplit(".", 1)[0] for name in self.targets]
+
+
+@contextlib.contextmanager
+def quiet(logger: logging.Logger):
+    """Lower a library's logger to WARNING for the duration (SparseML and INC log every layer at INFO)."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def backend_names() -> list[str]:

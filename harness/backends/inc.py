@@ -16,13 +16,13 @@ holding the transposed weight, and put back with the pruned weight afterwards.
 """
 from __future__ import annotations
 
-import logging
 import re
 from contextlib import contextmanager
 
 import torch
 
-from harness.backends import PruneJob
+from harness.backends import PruneJob, quiet
+from harness.sparsity import zero_fraction
 from harness.backends._training import fine_tune, only_trainable
 from harness.errors import HarnessError
 
@@ -60,22 +60,11 @@ def _linear_views(model: torch.nn.Module, module_names: list[str]):
             _set_module(model, name, conv)
 
 
-@contextmanager
 def _quiet_inc():
     """INC logs every layer's config and sparsity at INFO; keep its warnings."""
     from neural_compressor.utils.logger import Logger  # its first import sets the level: import, then lower it
 
-    inc_logger = Logger().get_logger()
-    level = inc_logger.level
-    inc_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        inc_logger.setLevel(level)
-
-
-def _zero_fraction(params: list[torch.nn.Parameter]) -> float:
-    return sum(int((param == 0).sum()) for param in params) / sum(param.numel() for param in params)
+    return quiet(Logger().get_logger())
 
 
 def _pruning_config(job: PruneJob):
@@ -131,7 +120,7 @@ def prune(job: PruneJob) -> None:
         def step_begin(step: int) -> None:
             callbacks.on_step_begin(step)
             if any(pruner.check_is_pruned_step(step) for pruner in pruners):
-                ramp[step] = _zero_fraction(targets)
+                ramp[step] = zero_fraction(targets)
 
         def before_optimizer_step(step: int) -> None:
             # A layer skipped by LayerDrop (M2M100 trains with it) got no gradient; INC's snip criteria need one.
@@ -156,7 +145,7 @@ def prune(job: PruneJob) -> None:
                       before_optimizer_step=before_optimizer_step)
         step_begin(end_step)
         callbacks.on_train_end()
-        achieved = _zero_fraction(targets)
+        achieved = zero_fraction(targets)
     job.progress("inc: zero fraction of the targets at each pruning step: "
                  + " ".join(f"{step}:{100 * fraction:.2f}%" for step, fraction in ramp.items()))
     if abs(achieved - job.sparsity) > LEVEL_TOLERANCE:

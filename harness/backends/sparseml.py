@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextlib import contextmanager
 
 import yaml
 
 from harness import sparsity
-from harness.backends import PruneJob, _training
+from harness.backends import PruneJob, _training, quiet
 from harness.errors import HarnessError
 
 # Before SparseML is imported: otherwise it starts a thread posting usage analytics to Google.
@@ -38,18 +37,11 @@ STEPS_PER_EPOCH = 1  # one fine-tuning step per SparseML epoch: a training recip
 LOGGER = logging.getLogger(__name__)
 
 
-@contextmanager
 def _quiet_sparseml():
     """SparseML logs every layer it prepares and compresses at INFO; keep its warnings."""
     from sparseml.log import get_nm_root_logger  # importing SparseML sets its level to INFO
 
-    sparseml_logger = get_nm_root_logger()
-    level = sparseml_logger.level
-    sparseml_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        sparseml_logger.setLevel(level)
+    return quiet(get_nm_root_logger())
 
 
 def _loggers(logger_module):
