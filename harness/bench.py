@@ -1,0 +1,605 @@
+"""Stage 5, bench: real CPU speed of a run on DeepSparse, ONNX Runtime and PyTorch, and its size on disk.
+
+All three engines see the same inputs (random token ids, seed 0, full attention mask); DeepSparse and
+ONNX Runtime run the same ONNX file (`export.ensure_onnx`), PyTorch runs the checkpoint eagerly. Each
+scenario is a (batch, sequence length) pair; DeepSparse compiles one engine per scenario. Each
+scenario warms up, then repeats until it has at least `--iterations` runs and `--min-time` seconds
+per variant (at most `--max-iterations`). Encoder-decoders time the encoder pass and one decoder pass
+(one decoder token, no KV cache) separately and as one combined step.
+
+Speedups compare with the dense baseline, level 0 of the same model and recipe (pruned first if
+missing), timed in the same process with passes alternating between dense and sparse, so both see
+the same load on a shared CPU. The FLOP-ideal speedup counts the multiply-accumulates of one
+forward pass from the model's own modules: Linear/Conv1D weights scale with their measured density,
+everything else (attention score and context matmuls, the LM head and any unpruned layer) stays
+dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
+
+`<run>/bench.json`:
+
+    model, recipe, level, architecture, achieved_percent, run, dense_run (paths)
+    settings       {batch_sizes, seq_len, threads, iterations, min_time_s, max_iterations, warmup, engines}
+    cpu            {model, physical_cores, logical_cores, load_average_1min (after timing), avx}
+    engines        {engine: {status: "ok" | "unavailable", threads, reason?}}
+    results        {engine: {scenario: timing}}        scenario = "b<batch>_s<seq>", e.g. "b1_s128"
+    dense_results  the same for the dense run, timed alongside (level 0: the same numbers as results)
+        timing     {batch_size, seq_len, median_ms, p90_ms, items_per_s, iterations, threads,
+                    parts?: {encoder: {median_ms, p90_ms}, decoder: {...}}}   (parts: encoder-decoder only;
+                    the top-level figures are the combined encoder + decoder step)
+    speedups       {scenario: {<engine>: sparse vs its own dense, headline: DeepSparse sparse vs ONNX Runtime
+                    dense, efficiency: {<engine>: speedup / ideal, headline: ...}}} (null if an engine is missing)
+    flop_ideal     {scenario: {speedup, macs_dense, macs_sparse, prunable_share, other_linear_share,
+                    other_matmul_share, max_speedup, parts?: {encoder: {...}, decoder: {...}}}}  (per sequence)
+    sizes          {params, checkpoint, checkpoint_gzip, onnx, onnx_gzip, sparse_bitmask: {bytes, bits_per_weight}}
+                    sparse_bitmask = compressed-tensors "sparse-bitmask" format written to <run>/compressed/
+    warnings       [str]
+
+`items_per_s` counts sequences (batch items) per second.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+from harness import export, load, prune
+from harness.errors import HarnessError
+from harness.rundir import RunDir, fingerprint, read_json, stage_run, staging_dir, write_json
+
+BENCH_FILE = "bench.json"
+COMPRESSED_SUBDIR = "compressed"
+DEFAULT_BATCH_SIZES = (1, 16)
+DEFAULT_SEQ_LEN = 128
+INPUT_SEED = 0
+ROUNDS = 2  # alternating timing blocks per variant when dense and sparse are timed together
+# One graph per part; encoder-decoders run encoder then decoder (in export.graph_files order).
+PARTS = {"model.onnx": "model", "encoder_model.onnx": "encoder", "decoder_model.onnx": "decoder"}
+
+Step = Callable[[dict], dict]  # named inputs -> named outputs (numpy arrays or torch tensors)
+
+
+def physical_threads() -> int:
+    """Physical cores this process may use (the default for every engine)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(psutil.cpu_count(logical=False) or available, available))
+
+
+def scenario_name(batch_size: int, seq_len: int) -> str:
+    return f"b{batch_size}_s{seq_len}"
+
+
+# --- inputs and engines ---------------------------------------------------------------------------
+
+def synthetic_inputs(config, architecture: str, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Random token ids (fixed seed) with a full attention mask; plus one decoder start token for encoder-decoders."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and seq_len > limit:
+        raise HarnessError(f"--seq-len {seq_len} is longer than the model's {limit} positions")
+    rng = np.random.default_rng(INPUT_SEED)
+    values = {"input_ids": rng.integers(4, config.vocab_size, size=(batch_size, seq_len), dtype=np.int64),
+              "attention_mask": np.ones((batch_size, seq_len), dtype=np.int64)}
+    if architecture == "encoder-decoder":
+        values["decoder_input_ids"] = export.decoder_start(config, batch_size)
+    return values
+
+
+def part_inputs(part: str, values: dict, outputs: dict) -> dict:
+    """What a part's graph is fed: the scenario's inputs, or for the decoder the encoder's output."""
+    return export.decoder_values(values, outputs["last_hidden_state"]) if part == "decoder" else values
+
+
+@dataclass
+class Variant:
+    """One side of the comparison (the sparse run or its dense baseline): its ONNX export and, loaded
+    on first use, its PyTorch model."""
+
+    run: RunDir
+    onnx_dir: Path
+    spec: load.ModelSpec
+    _loaded: load.LoadedModel | None = None
+
+    @property
+    def loaded(self) -> load.LoadedModel:
+        if self._loaded is None:
+            self._loaded = load.load_model(self.spec)
+        return self._loaded
+
+    @classmethod
+    def of(cls, run: RunDir) -> "Variant":
+        return cls(run, export.ensure_onnx(run), load.resolve_spec(str(run.path)))
+
+
+def ort_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
+    """ONNX Runtime CPU sessions on the exported graphs."""
+    steps = {}
+    for graph in export.graph_files(variant.spec.architecture):
+        session = export.ort_session(variant.onnx_dir / graph, threads)
+        names, outputs = export.graph_io(variant.onnx_dir / graph)
+        steps[PARTS[graph]] = _ort_step(session, names, outputs)
+    return steps
+
+
+def _ort_step(session, names: list[str], outputs: list[str]) -> Step:
+    return lambda values: dict(zip(outputs, session.run(None, export.onnx_feeds(names, values))))
+
+
+def deepsparse_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
+    """DeepSparse engines compiled for the example's shapes (from static copies of the graphs)."""
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+    from deepsparse import Engine
+
+    batch_size, seq_len = example["input_ids"].shape
+    dims = {"batch_size": batch_size, "sequence_length": seq_len, "encoder_sequence_length": seq_len,
+            "decoder_sequence_length": example.get("decoder_input_ids", example["input_ids"]).shape[1]}
+    steps = {}
+    for graph in export.graph_files(variant.spec.architecture):
+        names, outputs = export.graph_io(variant.onnx_dir / graph)
+        with export.static_graph(variant.onnx_dir / graph, dims) as fixed:
+            engine = Engine(str(fixed), batch_size=batch_size, num_cores=threads)
+        steps[PARTS[graph]] = _deepsparse_step(engine, names, outputs)
+    return steps
+
+
+def _deepsparse_step(engine, names: list[str], outputs: list[str]) -> Step:
+    return lambda values: dict(zip(outputs, engine.run(list(export.onnx_feeds(names, values).values()))))
+
+
+def pytorch_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
+    """Eager PyTorch on the checkpoint, fed the same named inputs as the ONNX graphs (threads: torch.set_num_threads)."""
+    import torch
+
+    model = variant.loaded.model
+
+    def tensors(values: dict, *names: str) -> dict:
+        return {name: torch.as_tensor(values[name]) for name in names}
+
+    def run_model(v: dict) -> dict:
+        with torch.no_grad():
+            return dict(model(**tensors(v, "input_ids", "attention_mask")))
+
+    def encoder(v: dict) -> dict:
+        with torch.no_grad():
+            return {"last_hidden_state": model.get_encoder()(**tensors(v, "input_ids", "attention_mask")).last_hidden_state}
+
+    def decoder(v: dict) -> dict:
+        v = tensors(v, "input_ids", "encoder_hidden_states", "encoder_attention_mask")
+        with torch.no_grad():
+            return {"logits": model(encoder_outputs=(v["encoder_hidden_states"],),
+                                    attention_mask=v["encoder_attention_mask"], decoder_input_ids=v["input_ids"]).logits}
+
+    return {"encoder": encoder, "decoder": decoder} if variant.spec.architecture == "encoder-decoder" else {"model": run_model}
+
+
+ENGINE_STEPS = {"deepsparse": deepsparse_steps, "onnxruntime": ort_steps, "pytorch": pytorch_steps}
+ENGINES = tuple(ENGINE_STEPS)
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+def time_interleaved(steps: dict[str, dict[str, Step]], values: dict, warmup: int, iterations: int,
+                     min_time: float, max_iterations: int) -> dict[str, dict[str, list[float]]]:
+    """Wall times (ms) per variant, per part and in total, in blocks that alternate between the variants.
+
+    Alternating exposes dense and sparse to the same machine load, so their ratio holds up on a shared
+    CPU. Blocks rather than single passes, each after `warmup` untimed passes: an engine's idle worker
+    threads keep spinning for a while and would slow the other variant's next pass. Each variant gets
+    ROUNDS blocks (one if there is a single variant), in total at least `iterations` timed passes and
+    `min_time` seconds, at most `max_iterations` passes.
+    """
+    times = {variant: {part: [] for part in [*parts, "total"]} for variant, parts in steps.items()}
+    rounds = ROUNDS if len(steps) > 1 else 1
+
+    def one_pass(variant: str, record: bool) -> None:
+        outputs, total = {}, 0.0
+        for part, step in steps[variant].items():
+            inputs = part_inputs(part, values, outputs)
+            start = time.perf_counter()
+            outputs = step(inputs)
+            elapsed = (time.perf_counter() - start) * 1000
+            total += elapsed
+            if record:
+                times[variant][part].append(elapsed)
+        if record:
+            times[variant]["total"].append(total)
+
+    for round_index in range(1, rounds + 1):
+        for variant in steps:
+            for _ in range(warmup):
+                one_pass(variant, record=False)
+            started, done = time.perf_counter(), times[variant]["total"]
+            while len(done) < -(-iterations * round_index // rounds) or (
+                    time.perf_counter() - started < min_time / rounds and len(done) < max_iterations * round_index // rounds):
+                one_pass(variant, record=True)
+    return times
+
+
+def summarize(times: dict[str, list[float]], batch_size: int, seq_len: int, threads: int) -> dict:
+    def stats(values: list[float]) -> dict:
+        return {"median_ms": round(float(np.median(values)), 4), "p90_ms": round(float(np.percentile(values, 90)), 4)}
+
+    total = stats(times["total"])
+    timing = {"batch_size": batch_size, "seq_len": seq_len, **total,
+              "items_per_s": round(batch_size / (total["median_ms"] / 1000), 3),
+              "iterations": len(times["total"]), "threads": threads}
+    parts = [p for p in times if p not in ("total", "model")]
+    if parts:
+        timing["parts"] = {part: stats(times[part]) for part in parts}
+    return timing
+
+
+# --- FLOP-ideal speedup ---------------------------------------------------------------------------
+
+class LinearCost(NamedTuple):
+    macs: float  # multiply-accumulates of this Linear/Conv1D in the pass
+    density: float  # non-zero fraction of its weight
+    target: bool  # among the recipe's prunable weights
+
+
+def linear_macs(model, call: Callable[[], object], targets: set[str]) -> tuple[float, dict[str, LinearCost]]:
+    """Multiply-accumulates of one `call()`: the total over all matmuls, and the cost of each Linear/Conv1D
+    (`targets`: parameter names the recipe prunes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.sparsity import _linear_like
+
+    macs: dict[str, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if _linear_like(module):
+            def hook(mod, inputs, output, name=name):
+                rows = inputs[0].numel() // inputs[0].shape[-1]
+                macs[name] = macs.get(name, 0.0) + rows * mod.weight.numel()
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            call()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    modules = dict(model.named_modules())
+    costs = {name: LinearCost(value, float((modules[name].weight != 0).sum()) / modules[name].weight.numel(),
+                              f"{name}.weight" in targets)
+             for name, value in macs.items()}
+    return counter.get_total_flops() / 2, costs
+
+
+def flop_ideal(total_macs: float, costs: dict[str, LinearCost]) -> dict:
+    """Ideal speedup when each weight's MACs scale with its density and every other matmul stays dense.
+
+    The shares split the dense MACs into the recipe's prunable weights, other weights (LM head,
+    task heads, anything the recipe leaves alone) and other matmuls (attention scores and context);
+    `max_speedup` is Amdahl's limit with every prunable weight at 100 % sparsity.
+    """
+    prunable = sum(c.macs for c in costs.values() if c.target)
+    other_linear = sum(c.macs for c in costs.values() if not c.target)
+    sparse_macs = total_macs - sum(c.macs * (1 - c.density) for c in costs.values())
+    return {
+        "speedup": round(total_macs / sparse_macs, 4),
+        "macs_dense": total_macs,
+        "macs_sparse": sparse_macs,
+        "prunable_share": round(prunable / total_macs, 4),
+        "other_linear_share": round(other_linear / total_macs, 4),
+        "other_matmul_share": round(1 - (prunable + other_linear) / total_macs, 4),
+        "max_speedup": round(total_macs / (total_macs - prunable), 4) if prunable < total_macs else None,
+    }
+
+
+def flop_ideal_for(model, architecture: str, seq_len: int, targets: set[str]) -> dict:
+    """The FLOP-ideal speedup of one sequence (batch size cancels out); encoder-decoders per part and combined."""
+    import torch
+
+    values = synthetic_inputs(model.config, architecture, 1, seq_len)
+    inputs = {k: torch.from_numpy(v) for k, v in values.items() if k in ("input_ids", "attention_mask")}
+    if architecture != "encoder-decoder":
+        return flop_ideal(*linear_macs(model, lambda: model(**inputs), targets))
+    encoder_total, encoder_costs = linear_macs(model, lambda: model.get_encoder()(**inputs), targets)
+    with torch.no_grad():
+        hidden = model.get_encoder()(**inputs).last_hidden_state
+    decoder_ids = torch.from_numpy(values["decoder_input_ids"])
+    decoder_total, decoder_costs = linear_macs(model, lambda: model(
+        encoder_outputs=(hidden,), attention_mask=inputs["attention_mask"], decoder_input_ids=decoder_ids), targets)
+    combined = {f"encoder:{k}": v for k, v in encoder_costs.items()} | {f"decoder:{k}": v for k, v in decoder_costs.items()}
+    return {**flop_ideal(encoder_total + decoder_total, combined),
+            "parts": {"encoder": flop_ideal(encoder_total, encoder_costs),
+                      "decoder": flop_ideal(decoder_total, decoder_costs)}}
+
+
+# --- sizes on disk ----------------------------------------------------------------------------------
+
+def gzip_size(paths: list[Path]) -> int:
+    """Bytes of the files gzip-compressed (level 6), streamed; nothing is written."""
+    class Counter:
+        size = 0
+
+        def write(self, data):
+            self.size += len(data)
+
+        def flush(self):
+            pass
+
+    counter = Counter()
+    with gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=6, mtime=0) as stream:
+        for path in paths:
+            with open(path, "rb") as handle:
+                shutil.copyfileobj(handle, stream, 1 << 22)
+    return counter.size
+
+
+def write_bitmask(run: RunDir) -> Path:
+    """The checkpoint in compressed-tensors' sparse-bitmask format (every tensor: values + bitmask + row offsets)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.sparse_bitmask import BitmaskTensor
+    from compressed_tensors.config import BitmaskConfig
+    from safetensors.torch import save_file
+
+    from harness.sparsity import saved_tensors
+
+    target = run.path / COMPRESSED_SUBDIR
+    with staging_dir(target) as tmp:
+        compressed, zeros, numel = {}, 0, 0
+        for name, tensor in saved_tensors(run.model_dir):
+            compressed.update(BitmaskTensor.from_dense(tensor).dict(name_prefix=name))
+            zeros, numel = zeros + int((tensor == 0).sum()), numel + tensor.numel()
+        save_file(compressed, tmp / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(run.model_dir / "config.json", tmp / "config.json")
+        ModelCompressor(sparsity_config=BitmaskConfig(global_sparsity=zeros / numel)).update_config(str(tmp))
+    return target
+
+
+def sizes(run: RunDir, onnx_dir: Path, architecture: str) -> dict:
+    """Bytes and bits per weight of the checkpoint, the ONNX graphs, both gzipped, and the sparse-bitmask format."""
+    from harness.sparsity import saved_tensors
+
+    params = sum(tensor.numel() for _, tensor in saved_tensors(run.model_dir))
+    checkpoint = sorted(run.model_dir.glob("*.safetensors"))
+    graphs = [onnx_dir / name for name in export.graph_files(architecture)]
+    onnx_files = [p for graph in graphs for p in (graph, graph.with_name(graph.name + "_data")) if p.exists()]
+    bitmask = sorted(write_bitmask(run).glob("*.safetensors"))
+
+    def entry(size: int) -> dict:
+        return {"bytes": size, "bits_per_weight": round(8 * size / params, 3)}
+
+    return {
+        "params": params,
+        "checkpoint": entry(sum(p.stat().st_size for p in checkpoint)),
+        "checkpoint_gzip": entry(gzip_size(checkpoint)),
+        "onnx": entry(sum(p.stat().st_size for p in onnx_files)),
+        "onnx_gzip": entry(gzip_size(onnx_files)),
+        "sparse_bitmask": entry(sum(p.stat().st_size for p in bitmask)),
+    }
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+
+def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: list[str]) -> tuple[dict, dict]:
+    """Time every engine on every scenario for both variants ({"sparse": ..., "dense": ...}, or only "sparse"
+    for a dense run); returns (engine status, {variant: {engine: {scenario: timing}}})."""
+    import torch
+
+    threads = settings["threads"]
+    torch.set_num_threads(threads)
+    some = next(iter(variants.values()))
+    engines = {}
+    results = {name: {} for name in variants}
+    scenarios = [(b, settings["seq_len"]) for b in settings["batch_sizes"]]
+    progress = tqdm(total=len(settings["engines"]) * len(scenarios), unit="scenario",
+                    desc=f"bench {some.run.model} {some.run.level:g}%")
+    for engine in settings["engines"]:
+        engines[engine] = {"status": "ok", "threads": threads}
+        for batch_size, seq_len in scenarios:
+            scenario = scenario_name(batch_size, seq_len)
+            progress.set_postfix_str(f"{engine} {scenario}")
+            values = synthetic_inputs(some.loaded.model.config, some.spec.architecture, batch_size, seq_len)
+            try:
+                steps = {name: ENGINE_STEPS[engine](variant, threads, values) for name, variant in variants.items()}
+            except Exception as exc:
+                if engine != "deepsparse":
+                    raise
+                text = str(exc).strip()
+                reason = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+                warnings_out.append(f"DeepSparse unavailable ({reason}); ONNX Runtime and PyTorch results only")
+                engines[engine] = {"status": "unavailable", "threads": threads, "reason": reason}
+                progress.update(len(scenarios) - len(results["sparse"].get(engine, {})))
+                break
+            times = time_interleaved(steps, values, settings["warmup"], settings["iterations"],
+                                     settings["min_time_s"], settings["max_iterations"])
+            for name in variants:
+                results[name].setdefault(engine, {})[scenario] = summarize(times[name], batch_size, seq_len, threads)
+            del steps
+            progress.update(1)
+    progress.close()
+    return engines, results
+
+
+def speedups(results: dict, dense_results: dict, ideal: dict) -> dict:
+    """Per scenario: each engine's dense/sparse median ratio, the headline (ORT dense / DeepSparse sparse), efficiencies."""
+    out = {}
+    for scenario, ideal_entry in ideal.items():
+        def ratio(dense_engine: str, sparse_engine: str):
+            dense = dense_results.get(dense_engine, {}).get(scenario)
+            sparse = results.get(sparse_engine, {}).get(scenario)
+            return round(dense["median_ms"] / sparse["median_ms"], 4) if dense and sparse else None
+
+        entry = {engine: ratio(engine, engine) for engine in results}
+        entry["headline"] = ratio("onnxruntime", "deepsparse")
+        entry["efficiency"] = {k: (round(v / ideal_entry["speedup"], 4) if v is not None else None)
+                               for k, v in entry.items() if k != "efficiency"}
+        out[scenario] = entry
+    return out
+
+
+def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
+    """Benchmark a run against its dense baseline (exporting both if needed); writes `<run>/bench.json`."""
+    run.require("prune")
+    dense_run = RunDir(run.model, run.recipe, 0.0)
+    if not dense_run.exists():
+        print(f"bench: no dense baseline for {run.model} {run.recipe}; pruning level 0 first")
+        prune.prune(run.model, 0, run.recipe)
+    variants = {"sparse": Variant.of(run)}
+    if run.level > 0:
+        variants["dense"] = Variant.of(dense_run)
+    exports = [(v.run.stage_record("export") or {}) for v in variants.values()]
+    inputs = fingerprint([(e.get("inputs"), e.get("finished")) for e in exports], settings)
+    if not force and run.is_current("bench", inputs, [BENCH_FILE]):
+        return read_json(run.path / BENCH_FILE)
+
+    sparse = variants["sparse"]
+    bench_warnings: list[str] = []
+    with stage_run(run.manifest_path, "bench", inputs) as record:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            targets = set(read_json(run.path / prune.SPARSITY_FILE)["prunable_tensors"])
+            per_sequence = flop_ideal_for(sparse.loaded.model, sparse.spec.architecture, settings["seq_len"], targets)
+            ideal = {scenario_name(b, settings["seq_len"]): per_sequence for b in settings["batch_sizes"]}
+            bench_warnings += busy_cpu_warning(settings["threads"])
+            engines, results = bench_engines(variants, settings, bench_warnings)
+        dense_results = results.get("dense", results["sparse"])
+        result = {
+            "model": run.model, "recipe": run.recipe, "level": run.level,
+            "architecture": sparse.spec.architecture,
+            "achieved_percent": read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"],
+            "run": str(run.path), "dense_run": str(dense_run.path),
+            "settings": settings, "cpu": cpu_info(), "engines": engines,
+            "results": results["sparse"], "dense_results": dense_results,
+            "speedups": speedups(results["sparse"], dense_results, ideal),
+            "flop_ideal": ideal,
+            "sizes": sizes(run, sparse.onnx_dir, sparse.spec.architecture),
+            "warnings": bench_warnings,
+        }
+        write_json(run.path / BENCH_FILE, result)
+        first = scenario_name(settings["batch_sizes"][0], settings["seq_len"])
+        record.update(headline_speedup=result["speedups"][first]["headline"],
+                      flop_ideal_speedup=ideal[first]["speedup"], warnings=len(result["warnings"]))
+    return result
+
+
+def busy_cpu_warning(threads: int) -> list[str]:
+    """A warning when other processes keep the cores busy: spin-waiting thread pools (DeepSparse, PyTorch)
+    then lose whole time slices whenever one of their threads is descheduled, and their times mean little."""
+    load_average = os.getloadavg()[0]
+    spare = (psutil.cpu_count() or 1) - threads + 1  # this process itself counts for about 1
+    if load_average <= spare:
+        return []
+    return [f"the CPU was busy (1-minute load {load_average:.1f} on {psutil.cpu_count()} cores) while timing "
+            f"with {threads} threads: DeepSparse and PyTorch times are unreliable; use an idle machine or fewer --threads"]
+
+
+def cpu_info() -> dict:
+    import platform
+
+    info = {"model": platform.processor() or platform.machine(), "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cores": psutil.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    info["model"] = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    info["avx"] = sorted(f for f in flags if f.startswith(("avx", "amx")) or f.endswith("vnni"))
+                    break
+    except OSError:
+        pass
+    return info
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+def _ms(timing: dict | None, part: str | None = None) -> str:
+    if not timing:
+        return "-"
+    value = timing["parts"][part]["median_ms"] if part else timing["median_ms"]
+    return f"{value:.2f}"
+
+
+def format_table(result: dict) -> str:
+    """One screen: medians per engine and scenario (parts for encoder-decoders), speedups, FLOP-ideal, sizes."""
+    settings = result["settings"]
+    lines = [f"bench: {result['model']} {result['recipe']} level {result['level']:g}% "
+             f"(achieved {result['achieved_percent']:.1f}% of prunable weights), seq {settings['seq_len']}, "
+             f"{settings['threads']} threads; median ms (dense -> sparse)",
+             f"{'engine':<12} {'scenario':<10} {'part':<9} {'dense':>9} {'sparse':>9} {'p90':>9} {'items/s':>9} "
+             f"{'speedup':>8} {'eff.':>6}"]
+    for engine, scenarios in result["results"].items():
+        for scenario, timing in scenarios.items():
+            dense = result["dense_results"].get(engine, {}).get(scenario)
+            speed = result["speedups"][scenario][engine]
+            efficiency = result["speedups"][scenario]["efficiency"][engine]
+            lines.append(f"{engine:<12} {scenario:<10} {'all':<9} {_ms(dense):>9} {_ms(timing):>9} "
+                         f"{timing['p90_ms']:>9.2f} {timing['items_per_s']:>9.1f} "
+                         f"{_x(speed):>8} {_num(efficiency):>6}")
+            for part in timing.get("parts", {}):
+                lines.append(f"{'':<12} {'':<10} {part:<9} {_ms(dense, part) if dense else '-':>9} "
+                             f"{_ms(timing, part):>9} {timing['parts'][part]['p90_ms']:>9.2f}")
+    for engine, status in result["engines"].items():
+        if status["status"] != "ok":
+            lines.append(f"{engine:<12} unavailable: {status['reason']}")
+    for scenario, entry in result["speedups"].items():
+        ideal = result["flop_ideal"][scenario]
+        lines.append(f"{scenario}: DeepSparse sparse vs ONNX Runtime dense {_x(entry['headline'])}, "
+                     f"FLOP-ideal {ideal['speedup']:.2f}x, efficiency {_num(entry['efficiency']['headline'])}")
+    ideal = next(iter(result["flop_ideal"].values()))
+    limit = f"{ideal['max_speedup']:.1f}x" if ideal["max_speedup"] else "unbounded"
+    lines.append(f"MACs per sequence: {ideal['prunable_share']:.0%} in prunable weights, {ideal['other_linear_share']:.0%} "
+                 f"in other weights (LM head, task heads), {ideal['other_matmul_share']:.0%} in attention matmuls "
+                 f"-> FLOP-ideal at most {limit} even at 100% sparsity (Amdahl)")
+    size = result["sizes"]
+    lines.append("size: " + ", ".join(
+        f"{label} {size[key]['bytes'] / 1e6:.1f} MB ({size[key]['bits_per_weight']:.1f} b/w)"
+        for key, label in (("checkpoint", "checkpoint"), ("checkpoint_gzip", "gzip"),
+                           ("sparse_bitmask", "sparse-bitmask"), ("onnx", "onnx"), ("onnx_gzip", "onnx gzip"))))
+    lines += [f"warning: {w}" for w in result["warnings"]]
+    return "\n".join(lines)
+
+
+def _x(value) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def _num(value) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    export.add_run_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="bench again even if bench.json is current")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
+                        help="batch sizes, one scenario each (default: 1 16)")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="sequence length (default 128)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--threads", type=int, default=None, help="threads per engine (default: physical cores)")
+    parser.add_argument("--iterations", type=int, default=5, help="minimum timed passes per scenario (default 5)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="minimum timed seconds per scenario (default 1)")
+    parser.add_argument("--max-iterations", type=int, default=100, help="maximum timed passes per scenario")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes before each timing block (default 1)")
+
+
+def settings_from_args(args) -> dict:
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise HarnessError(f"unknown engine {unknown[0] if unknown else '(none)'}; engines: {', '.join(ENGINES)}")
+    if min(args.batch_sizes) < 1 or args.seq_len < 2 or args.iterations < 1 or args.warmup < 0:
+        raise HarnessError("--batch-sizes and --iterations must be >= 1, --seq-len >= 2, --warmup >= 0")
+    return {"batch_sizes": sorted(set(args.batch_sizes)), "seq_len": args.seq_len,
+            "threads": args.threads or physical_threads(), "iterations": args.iterations,
+            "min_time_s": args.min_time, "max_iterations": max(args.max_iterations, args.iterations),
+            "warmup": args.warmup, "engines": [e for e in ENGINES if e in engines]}
+
+
+def main(args) -> None:
+    run = export.run_from_args(args)
+    result = bench(run, settings_from_args(args), force=args.force)
+    print(format_table(result))

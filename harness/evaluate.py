@@ -1,0 +1,292 @@
+"""Stage 5, eval: accuracy of a run on its model's paper benchmarks -> `<run>/eval.json`.
+
+The benchmarks are data (`evals/benchmarks.yaml`): each names an evaluator kind (a key of
+`EVALUATORS`, one module under harness/evaluators/) and its data files under the data directory,
+with a Hub fallback used only when a file is missing and the Hub is reachable. PyTorch gives the
+metrics; the exported ONNX on DeepSparse runs the same benchmark (decoders, through lm-eval) or a
+sample of it (agreement with PyTorch's predictions). Level 0 is the dense baseline: its run is
+created on first use, and every other level records its difference to it.
+
+eval.json:
+    {"model", "recipe", "level", "limit", "engines", "baseline": {"path", "finished"} | null,
+     "benchmarks": {name: {"status": "done", "description", "evaluator", "data", "examples", "limit",
+                           "wall_time_s", "metrics": {metric: {"value", "stderr"}},
+                           "deepsparse": {...} (see harness/evaluators/__init__.py),
+                           "delta_vs_level0": {metric: value - level-0 value} | null}
+                    | {"status": "skipped", "reason": "..."}}}
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
+
+from harness import load
+from harness.errors import HarnessError
+from harness.evaluators import DataSource, EvalJob, classification, embeddings, language_modeling, translation
+from harness.paths import EVALS_DIR, data_dir
+from harness.recipes import DEFAULT_RECIPE
+from harness.rundir import RunDir, fingerprint, level_name, read_json, stage_run, write_json
+
+REGISTRY_FILE = EVALS_DIR / "benchmarks.yaml"
+EVAL_FILE = "eval.json"
+ENGINES = ("pytorch", "deepsparse")
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    run: Callable[[EvalJob], dict]
+    model_classes: tuple[str, ...]  # transformers Auto classes it can evaluate
+    needs: str  # what kind of model that is, for the error message
+
+
+EVALUATORS = {
+    "language_modeling": Evaluator(language_modeling.evaluate, ("AutoModelForCausalLM",), "a decoder language model"),
+    "classification": Evaluator(classification.evaluate, ("AutoModelForSequenceClassification",),
+                                "a model with an MNLI-style classification head (e.g. deberta-mnli)"),
+    "translation": Evaluator(translation.evaluate, ("AutoModelForSeq2SeqLM",),
+                             "an encoder-decoder translation model (e.g. m2m100)"),
+    "embedding_probe": Evaluator(embeddings.evaluate_probe, ("AutoModel",),
+                                 "an encoder without a task head (e.g. minilm)"),
+    "embedding_fidelity": Evaluator(embeddings.evaluate_fidelity, ("AutoModel",),
+                                    "an encoder without a task head (e.g. minilm)"),
+}
+
+
+class MissingData(HarnessError):
+    """A benchmark's data file is absent and the Hub cannot stand in for it."""
+
+
+@functools.lru_cache(maxsize=1)
+def benchmark_registry() -> dict[str, dict]:
+    """All benchmarks by name, as written in evals/benchmarks.yaml."""
+    try:
+        entries = yaml.safe_load(REGISTRY_FILE.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"{REGISTRY_FILE} is not valid YAML: {exc}") from None
+    for name, entry in entries.items():
+        if entry.get("evaluator") not in EVALUATORS:
+            raise HarnessError(f"{REGISTRY_FILE}: benchmark '{name}' has evaluator {entry.get('evaluator')!r}, "
+                               f"expected one of {', '.join(EVALUATORS)}")
+        unknown = sorted(set(entry.get("use", [])) - set(entry["data"]))
+        if unknown:
+            raise HarnessError(f"{REGISTRY_FILE}: benchmark '{name}' uses {unknown[0]!r}, which is not in its data")
+    return entries
+
+
+def parse_limit(value) -> int | None:
+    """LIMIT: examples per benchmark (per language pair for translation), a positive integer, or None for all."""
+    if value is None or value == "":
+        return None
+    try:
+        limit = int(str(value))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise HarnessError(f"LIMIT must be a positive integer (examples per benchmark), got {value!r}")
+    return limit
+
+
+def parse_engines(value: str | tuple) -> tuple[str, ...]:
+    engines = tuple(e.strip() for e in value.split(",") if e.strip()) if isinstance(value, str) else tuple(value)
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or "pytorch" not in engines:
+        raise HarnessError(f"--engines must list pytorch (the reference) and optionally deepsparse, got {value!r}")
+    return tuple(e for e in ENGINES if e in engines)
+
+
+def data_sources(name: str, entry: dict) -> dict[str, DataSource]:
+    """The benchmark's data parts: local files when all are present, else the Hub entry when online."""
+    sources = {}
+    for part in entry.get("use", list(entry["data"])):
+        part_entry = entry["data"][part]
+        files = {role: data_dir() / relative for role, relative in part_entry["files"].items()}
+        missing = [path for path in files.values() if not path.exists()]
+        if not missing:
+            sources[part] = DataSource(part, files=files)
+        elif part_entry.get("hub") and not load._offline():
+            sources[part] = DataSource(part, hub=part_entry["hub"])
+        else:
+            hub = f" and the Hub is offline ({DataSource(part, hub=part_entry['hub']).describe()})" \
+                if part_entry.get("hub") else ""
+            raise MissingData(f"benchmark {name}: data file {missing[0]} is missing{hub}: put it there "
+                              f"(see {data_dir() / 'SOURCES.md'}) or point HARNESS_DATA at a folder that has it")
+    return sources
+
+
+def plan(spec: load.ModelSpec, requested: list[str] | None) -> tuple[dict, dict]:
+    """({benchmark: data sources} to run, {benchmark: reason} to skip), checking everything before any work.
+
+    Explicitly requested benchmarks must have their data; a default one without data is skipped.
+    """
+    registry = benchmark_registry()
+    names = requested or list(spec.benchmarks)
+    if not names:
+        raise HarnessError(f"model '{spec.name}' lists no benchmarks in harness/models.yaml: "
+                           f"pass --benchmarks (known: {', '.join(registry)})")
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise HarnessError(f"unknown benchmark '{unknown[0]}' (known: {', '.join(registry)})")
+    runnable, skipped = {}, {}
+    for name in names:
+        evaluator = EVALUATORS[registry[name]["evaluator"]]
+        if spec.model_class not in evaluator.model_classes:
+            raise HarnessError(f"benchmark {name} needs {evaluator.needs}, but '{spec.name}' is a "
+                               f"{spec.architecture} loaded as {spec.model_class}")
+        try:
+            runnable[name] = data_sources(name, registry[name])
+        except MissingData as exc:
+            if requested:
+                raise
+            skipped[name] = str(exc)
+    return runnable, skipped
+
+
+def _baseline(run: RunDir) -> dict | None:
+    """The level-0 run of the same model and recipe: its path, when it was evaluated and its eval.json."""
+    baseline = RunDir(run.model, run.recipe, 0)
+    if run.level == 0 or not (baseline.path / EVAL_FILE).exists():
+        return None
+    return {"path": str(baseline.path), "finished": (baseline.stage_record("eval") or {}).get("finished"),
+            "document": read_json(baseline.path / EVAL_FILE)}
+
+
+def deltas(results: dict, baseline: dict, limit: int | None) -> None:
+    """Fill `delta_vs_level0` of each finished benchmark evaluated at level 0 with the same LIMIT."""
+    for name, result in results.items():
+        if result["status"] != "done":
+            continue
+        base = baseline["benchmarks"].get(name, {})
+        if base.get("status") == "done" and base.get("limit") == limit:
+            result["delta_vs_level0"] = {m: v["value"] - base["metrics"][m]["value"]
+                                         for m, v in result["metrics"].items() if m in base["metrics"]}
+
+
+def _ensure_run(run: RunDir) -> None:
+    """Level 0 is the dense baseline: create its run directory on first use; other levels must be pruned."""
+    if run.level == 0 and not run.exists():
+        from harness import prune
+
+        print(f"eval: creating the dense baseline run {run.path}")
+        prune.prune(run.model, 0, run.recipe)
+    run.require("prune")
+
+
+def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engines=ENGINES,
+             force: bool = False, cores: int | None = None) -> dict:
+    """Evaluate a run on its benchmarks, write `<run>/eval.json` and return its content.
+
+    `cores`: DeepSparse cores (None: all physical cores).
+    """
+    spec = load.resolve_spec(run.model)
+    if spec.shape_only:
+        raise HarnessError(f"model '{spec.name}' is shape-only (random weights at a real model's shapes): "
+                           f"its accuracy means nothing, so eval refuses it")
+    limit, engines = parse_limit(limit), parse_engines(engines)
+    runnable, skipped = plan(spec, benchmarks)
+    _ensure_run(run)
+    registry = benchmark_registry()
+    prune_record = run.stage_record("prune")
+    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), limit, engines,
+                         {name: [registry[name], {p: s.describe() for p, s in sources.items()}]
+                          for name, sources in runnable.items()}, skipped)
+    if not force and run.is_current("eval", inputs, [EVAL_FILE]):
+        document = read_json(run.path / EVAL_FILE)
+        print(f"eval: {run.path / EVAL_FILE} is up to date (use --force to redo)")
+        print(format_table(document))
+        return document
+
+    loaded = load.load_model(str(run.path))
+    reference = (lambda: loaded) if run.level == 0 else functools.lru_cache(maxsize=1)(lambda: load.load_model(spec))
+    onnx_dir = functools.lru_cache(maxsize=1)(lambda: _onnx_dir(run))
+    graphs = {}  # each exported graph is compiled once and shared by the benchmarks
+    with stage_run(run.manifest_path, "eval", inputs) as record:
+        results = {}
+        for name, sources in runnable.items():
+            entry = registry[name]
+            start = time.time()
+            job = EvalJob(name, entry, sources, loaded, limit, engines, onnx_dir, reference_model=reference,
+                          engine_cores=cores, graphs=graphs)
+            outcome = EVALUATORS[entry["evaluator"]].run(job)
+            results[name] = {"status": "done", "description": entry.get("description", ""),
+                             "evaluator": entry["evaluator"],
+                             "data": {part: source.describe() for part, source in sources.items()},
+                             "limit": limit, "wall_time_s": round(time.time() - start, 2),
+                             **outcome, "delta_vs_level0": None}
+        results.update({name: {"status": "skipped", "reason": reason} for name, reason in skipped.items()})
+        baseline = _baseline(run)
+        if baseline:
+            deltas(results, baseline["document"], limit)
+        document = {"model": spec.name, "recipe": run.recipe, "level": run.level, "limit": limit,
+                    "engines": list(engines),
+                    "baseline": {k: baseline[k] for k in ("path", "finished")} if baseline else None,
+                    "benchmarks": results}
+        write_json(run.path / EVAL_FILE, document)
+        record.update(benchmarks={name: r["status"] for name, r in results.items()}, limit=limit)
+    print(format_table(document))
+    print(f"eval: -> {run.path / EVAL_FILE}")
+    return document
+
+
+def _onnx_dir(run: RunDir):
+    from harness.export import ensure_onnx
+
+    try:
+        return ensure_onnx(run)
+    except HarnessError as exc:
+        raise HarnessError(f"{exc} (to evaluate on PyTorch alone, pass --engines pytorch)") from None
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def _engine_cell(engine: dict | None, metric: str) -> str:
+    if not engine:
+        return ""
+    if "difference" in engine:
+        return f"{engine['runtime']} {engine['difference'][metric]:+.2e}"
+    if "agreement" in engine:
+        return f"{engine['runtime']} agree {engine['agreement']:.3f}/{engine['sample']}"
+    return f"{engine['runtime']} cos {engine['mean_cosine_vs_pytorch']:.5f}/{engine['sample']}"
+
+
+def format_table(document: dict) -> str:
+    """eval.json as a table: one row per benchmark metric."""
+    header = (f"{document['model']} {document['recipe']} level {level_name(document['level'])}"
+              f"{'' if document['limit'] is None else ' LIMIT ' + str(document['limit'])}")
+    rows = [header, f"{'benchmark':<20} {'metric':<18} {'value':>10} {'stderr':>9} {'n':>6} "
+                    f"{'vs level 0':>11} {'time s':>7}  deepsparse vs pytorch"]
+    for name, result in document["benchmarks"].items():
+        if result["status"] != "done":
+            rows.append(f"{name:<20} skipped: {result['reason']}")
+            continue
+        for metric, value in result["metrics"].items():
+            delta = (result.get("delta_vs_level0") or {}).get(metric)
+            rows.append(f"{name:<20} {metric:<18} {_number(value['value']):>10} {_number(value['stderr']):>9} "
+                        f"{result['examples']:>6} {'-' if delta is None else f'{delta:+.4g}':>11} "
+                        f"{result['wall_time_s']:>7.1f}  {_engine_cell(result.get('deepsparse'), metric)}")
+    return "\n".join(rows)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="registry alias (with --level/--recipe) or a run directory")
+    parser.add_argument("--level", default="0", help="sparsity level of the run, in percent (0 = dense baseline)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe of the run (default {DEFAULT_RECIPE})")
+    parser.add_argument("--benchmarks", help="comma-separated names from evals/benchmarks.yaml "
+                                             "(default: the model's benchmarks in harness/models.yaml)")
+    parser.add_argument("--limit", help="at most this many examples per benchmark (per language pair)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="pytorch, plus deepsparse to check the exported ONNX on DeepSparse (default both)")
+    parser.add_argument("--cores", type=int, help="cores for DeepSparse (default: all physical cores)")
+    parser.add_argument("--force", action="store_true", help="evaluate again even if eval.json is current")
+
+
+def main(args) -> None:
+    from harness.export import run_from_args
+
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
+    evaluate(run_from_args(args), benchmarks, args.limit, args.engines, args.force, args.cores)

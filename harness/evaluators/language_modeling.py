@@ -1,0 +1,104 @@
+"""Decoder benchmarks through lm-eval: the task YAMLs in evals/lm_eval/ on PyTorch (HFLM) and on the
+exported ONNX on DeepSparse (`harness-onnx`), with the same tokenization and windows.
+
+The task YAMLs read local files through `custom_dataset` functions below; the harness passes the
+files as TaskManager metadata (`data_files: {role: path}`), because a YAML cannot know the data
+directory. When a file is missing and the Hub is online, lm-eval's own task of the same benchmark
+runs instead (`hub: {task: ...}` in evals/benchmarks.yaml).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from harness.evaluators import EvalJob, metric
+from harness.paths import EVALS_DIR
+
+TASKS_DIR = EVALS_DIR / "lm_eval"
+
+
+def wikitext_articles(data_files: dict, **_):
+    """WikiText raw text split into one document per article (at each ` = Title = ` heading), as
+    lm-eval's `EleutherAI/wikitext_document_level` dataset does."""
+    import datasets
+
+    lines = open(data_files["text"], encoding="utf-8").read().split("\n")
+    pages, current = [], []
+    for line in lines:
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            if "\n".join(current).strip():
+                pages.append("\n".join(current))
+            current = []
+        current.append(line)
+    pages.append("\n".join(current))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": pages})})
+
+
+def jsonl_records(data_files: dict, **_):
+    """A JSON-lines file as the `test` split."""
+    import datasets
+
+    with open(data_files["jsonl"], encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})
+
+
+def context_length(config, cap: int | None) -> int | None:
+    """The model's own context length (as HFLM reads it from the config), capped at `cap`."""
+    own = next((getattr(config, name) for name in ("n_positions", "max_position_embeddings", "n_ctx")
+                if getattr(config, name, None)), None)
+    return min(own, cap) if own and cap else own or cap
+
+
+def _task(job: EvalJob):
+    """(task name, TaskManager) for the local files, or lm-eval's own task on the Hub."""
+    from lm_eval.tasks import TaskManager
+
+    source = job.source
+    if source.files:
+        data_files = {role: str(path) for role, path in source.files.items()}
+        return job.config["task"], TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                                               metadata={"data_files": data_files})
+    return source.hub["task"], TaskManager()
+
+
+def run_task(lm, job: EvalJob) -> tuple[dict, int, float]:
+    """(metrics, examples, seconds) of the benchmark's lm-eval task scored by `lm` (any lm-eval LM)."""
+    import lm_eval
+
+    task, task_manager = _task(job)
+    start = time.time()
+    output = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=job.limit,
+                                     bootstrap_iters=job.config.get("bootstrap_iters", 1000), log_samples=False)
+    scores = output["results"][task]
+    metrics = {}
+    for name in job.config["metrics"]:
+        stderr = scores.get(f"{name}_stderr,none")  # "N/A" where lm-eval has none
+        metrics[name] = metric(scores[f"{name},none"], stderr if isinstance(stderr, (int, float)) else None)
+    return metrics, int(output["n-samples"][task]["effective"]), time.time() - start
+
+
+def evaluate(job: EvalJob) -> dict:
+    """The benchmark's lm-eval task on PyTorch and, if asked, on the exported ONNX on DeepSparse."""
+    from lm_eval.models.huggingface import HFLM
+
+    from harness.evaluators.deepsparse_lm import OnnxDecoderLM
+
+    # lm-eval warns per request (truncated contexts) and per custom dataset; errors still show
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    loaded = job.loaded
+    pytorch_lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=job.config.get("batch_size", 8),
+                      max_length=context_length(loaded.model.config, job.config.get("max_length")))
+    metrics, examples, _ = run_task(pytorch_lm, job)
+    result = {"examples": examples, "metrics": metrics, "max_length": pytorch_lm.max_length}
+    if "deepsparse" in job.engines:
+        engine_lm = OnnxDecoderLM(job.engine("model.onnx"), tokenizer=loaded.tokenizer,
+                                  max_length=pytorch_lm.max_length)
+        engine_metrics, _, engine_seconds = run_task(engine_lm, job)
+        result["deepsparse"] = {
+            "runtime": engine_lm.runtime, "wall_time_s": round(engine_seconds, 2), "metrics": engine_metrics,
+            "difference": {name: engine_metrics[name]["value"] - metrics[name]["value"] for name in metrics},
+        }
+    return result

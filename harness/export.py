@@ -1,0 +1,323 @@
+"""Stage 4, export: a run's checkpoint to ONNX with optimum, checked against PyTorch.
+
+`<run>/onnx/` holds the graphs under optimum's file names, opset 14 (the newest opset DeepSparse 1.8
+runs completely: at opset 17+ `LayerNormalization` stays a native op that DeepSparse does not
+compile), no KV cache, dynamic batch and sequence axes:
+
+    decoder          model.onnx            input_ids, attention_mask[, position_ids] -> logits
+                                           (position_ids only where optimum's config asks for it,
+                                           e.g. GPT-2: cumsum(attention_mask) - 1; `onnx_feeds` fills it)
+    encoder          model.onnx            input_ids, attention_mask[, token_type_ids] ->
+                                           last_hidden_state (feature-extraction) or logits (text-classification)
+    encoder-decoder  encoder_model.onnx    input_ids, attention_mask -> last_hidden_state
+                     decoder_model.onnx    input_ids (decoder), encoder_hidden_states, encoder_attention_mask -> logits
+
+plus config.json, the tokenizer files and `export.json`. Graphs over 2 GB keep their weights in
+ONNX external data (`<graph>.onnx_data` beside the graph; optimum does this by itself).
+
+Every export is verified before it is kept: ONNX Runtime and PyTorch run the same padded sample batch
+(max abs diff per output, within ATOL + RTOL * max|PyTorch output|), and the zeros survive (each
+pruned checkpoint tensor has an ONNX initializer of the same shape, up to transposition, with the same
+number of zeros).
+
+DeepSparse compiles for fixed shapes, so the graphs stay dynamic and a user compiles the engine for the
+(batch, sequence) they need from a static copy: `with static_graph(path, {"batch_size": b,
+"sequence_length": s}) as fixed: engine = deepsparse.Engine(str(fixed), batch_size=b, num_cores=n)`
+(axes of the encoder-decoder graphs: batch_size, encoder_sequence_length, decoder_sequence_length).
+With a dynamic sequence axis DeepSparse compiles nothing (fraction_of_supported_ops 0), and its own
+`input_shapes=` argument overwrites the ONNX file in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from harness import load
+from harness.errors import HarnessError
+from harness.prune import SPARSITY_FILE
+from harness.recipes import DEFAULT_RECIPE
+from harness.rundir import MANIFEST, RunDir, fingerprint, parse_level, read_json, stage_run, staging_dir, write_json
+
+OPSET = 14
+ONNX_SUBDIR = "onnx"
+EXPORT_FILE = "export.json"
+GRAPHS = {
+    "decoder": ("model.onnx",),
+    "encoder": ("model.onnx",),
+    "encoder-decoder": ("encoder_model.onnx", "decoder_model.onnx"),
+}
+ATOL, RTOL = 1e-4, 1e-4
+SAMPLE_TEXTS = (
+    "Sparse networks keep only the weights that matter, and a CPU can skip the rest.",
+    "Short one.",
+)
+UNSUPPORTED_OP = re.compile(r"operator '?([\w:.]+)'?")
+
+
+def graph_files(architecture: str) -> tuple[str, ...]:
+    """The ONNX file names of an architecture, in run order (encoder before decoder)."""
+    return GRAPHS[architecture]
+
+
+def ensure_onnx(run: RunDir, force: bool = False) -> Path:
+    """Export the run's checkpoint to `<run>/onnx/` unless a verified export of it is current; return that dir."""
+    run.require("prune")
+    spec = load.resolve_spec(str(run.path))
+    prune_record = run.stage_record("prune")
+    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), OPSET, ATOL, RTOL)
+    files = [f"{ONNX_SUBDIR}/{name}" for name in graph_files(spec.architecture)]
+    if not force and run.is_current("export", inputs, [*files, f"{ONNX_SUBDIR}/{EXPORT_FILE}"]):
+        return run.path / ONNX_SUBDIR
+
+    loaded = load.load_model(spec)
+    with stage_run(run.manifest_path, "export", inputs) as record:
+        with staging_dir(run.path / ONNX_SUBDIR) as tmp:
+            _export(loaded, tmp)
+            parity = check_parity(loaded, tmp)
+            zeros = check_zeros(run, tmp)
+            graphs = {name: _graph_summary(tmp / name) for name in graph_files(spec.architecture)}
+            write_json(tmp / EXPORT_FILE, {"model": spec.name, "architecture": spec.architecture, "task": spec.task,
+                                           "opset": OPSET, "graphs": graphs, "parity": parity, "zeros": zeros})
+        record.update(opset=OPSET, parity_max_abs_diff=parity["max_abs_diff"], parity_ok=parity["ok"],
+                      zeros_preserved=zeros["preserved"], onnx_sparsity_percent=zeros["onnx_percent"])
+    return run.path / ONNX_SUBDIR
+
+
+def _export(loaded: load.LoadedModel, output: Path) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    spec = loaded.spec
+    try:
+        # `task` without "-with-past": no KV cache inputs/outputs.
+        onnx_export_from_model(loaded.model, output, task=spec.task, opset=OPSET, do_validation=False)
+    except Exception as exc:
+        op = UNSUPPORTED_OP.search(str(exc))
+        what = f"operator {op.group(1)}" if op else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        raise HarnessError(f"ONNX export (opset {OPSET}) of '{spec.name}' ({loaded.model.config.model_type}, "
+                           f"{spec.architecture}, task {spec.task}) failed: {what}") from None
+    missing = [name for name in graph_files(spec.architecture) if not (output / name).exists()]
+    if missing:
+        raise HarnessError(f"ONNX export of '{spec.name}' ({loaded.model.config.model_type}) did not write "
+                           f"{', '.join(missing)}")
+
+
+def _graph_summary(path: Path) -> dict:
+    inputs, outputs = graph_io(path)
+    external = path.with_name(path.name + "_data")
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "bytes": path.stat().st_size + (external.stat().st_size if external.exists() else 0),
+        "external_data": external.exists(),
+    }
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session (all graph optimisations; `threads` intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_feeds(input_names: list[str], values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds for a graph's inputs from `values`, deriving position_ids and token_type_ids when the graph wants them."""
+    feeds = {}
+    for name in input_names:
+        if name in values:
+            feeds[name] = values[name]
+        elif name == "position_ids":
+            mask = values["attention_mask"]
+            feeds[name] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros_like(values["input_ids"])
+        else:
+            raise HarnessError(f"the ONNX graph wants an input '{name}' the harness does not know how to fill")
+    return feeds
+
+
+@contextlib.contextmanager
+def static_graph(path: Path, dims: dict[str, int]) -> Iterator[Path]:
+    """A temporary copy of a graph with its symbolic axes (batch_size, sequence_length, ...) fixed from `dims`.
+
+    The copy sits beside the original so a graph with external data still finds it. Compile DeepSparse
+    from it: `deepsparse.Engine(str(copy), batch_size=b, num_cores=n)`; DeepSparse's own `input_shapes=`
+    override rewrites the ONNX file it is given in place, which would break the export for other engines.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for graph_input in model.graph.input:
+        for dim in graph_input.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                if dim.dim_param not in dims:
+                    raise HarnessError(f"{path.name}: no size given for axis '{dim.dim_param}' of input {graph_input.name}")
+                dim.dim_value = dims[dim.dim_param]
+    fd, name = tempfile.mkstemp(prefix=f".static-{path.stem}-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, name)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def sample_batch(loaded: load.LoadedModel) -> dict[str, np.ndarray]:
+    """The padded two-sentence batch used for parity (int64 input_ids and attention_mask)."""
+    tokenizer = loaded.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(list(SAMPLE_TEXTS), padding=True, truncation=True, max_length=loaded.spec.seq_len,
+                      return_tensors="np")
+    return {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
+
+
+def run_onnx(onnx_dir: Path, architecture: str, values: dict[str, np.ndarray], sessions: dict | None = None) -> dict:
+    """Run the exported graph(s) on `values` with ONNX Runtime; returns {output name: array}
+    (encoder-decoder: both graphs' outputs; `values` then needs decoder_input_ids).
+    Pass `sessions` ({graph file: ort_session(...)}) to reuse sessions across calls."""
+    sessions = sessions or {name: ort_session(onnx_dir / name) for name in graph_files(architecture)}
+    outputs: dict[str, np.ndarray] = {}
+    for name in graph_files(architecture):
+        session = sessions[name]
+        graph_values = decoder_values(values, outputs["last_hidden_state"]) if name == "decoder_model.onnx" else values
+        feeds = onnx_feeds([i.name for i in session.get_inputs()], graph_values)
+        outputs.update(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return outputs
+
+
+def decoder_values(values: dict[str, np.ndarray], encoder_hidden_states: np.ndarray) -> dict[str, np.ndarray]:
+    """The decoder graph's inputs: decoder tokens, the encoder's output and the encoder's mask."""
+    return {"input_ids": values["decoder_input_ids"], "encoder_hidden_states": encoder_hidden_states,
+            "encoder_attention_mask": values["attention_mask"]}
+
+
+def decoder_start(config, batch_size: int) -> np.ndarray:
+    """One decoder start token per row: what a single decoder pass sees first."""
+    return np.full((batch_size, 1), config.decoder_start_token_id, dtype=np.int64)
+
+
+def check_parity(loaded: load.LoadedModel, onnx_dir: Path) -> dict:
+    """Max abs diff between ONNX Runtime and PyTorch on the sample batch; raises if over the tolerance."""
+    import torch
+
+    values = sample_batch(loaded)
+    architecture = loaded.spec.architecture
+    if architecture == "encoder-decoder":
+        values["decoder_input_ids"] = decoder_start(loaded.model.config, len(SAMPLE_TEXTS))
+    onnx_out = run_onnx(onnx_dir, architecture, values)
+    torch_kwargs = {k: torch.from_numpy(v) for k, v in values.items()}
+    if "position_ids" in graph_io(onnx_dir / graph_files(architecture)[0])[0]:
+        torch_kwargs["position_ids"] = torch.from_numpy(onnx_feeds(["position_ids"], values)["position_ids"])
+    with torch.no_grad():
+        torch_out = loaded.model(**torch_kwargs)
+    diffs, ok = {}, True
+    for name, onnx_value in onnx_out.items():
+        reference = (torch_out.encoder_last_hidden_state if name == "last_hidden_state" and architecture == "encoder-decoder"
+                     else torch_out[name]).numpy()
+        diff = float(np.abs(reference - onnx_value).max())
+        tolerance = ATOL + RTOL * float(np.abs(reference).max())
+        diffs[name] = {"max_abs_diff": diff, "tolerance": tolerance}
+        ok &= diff <= tolerance
+    result = {"max_abs_diff": max(d["max_abs_diff"] for d in diffs.values()), "outputs": diffs, "ok": ok,
+              "sample_shape": list(values["input_ids"].shape)}
+    if not ok:
+        worst = max(diffs, key=lambda n: diffs[n]["max_abs_diff"] / diffs[n]["tolerance"])
+        raise HarnessError(f"ONNX export of '{loaded.spec.name}' ({architecture}) does not match PyTorch: "
+                           f"output {worst} differs by {diffs[worst]['max_abs_diff']:.3g} "
+                           f"(tolerance {diffs[worst]['tolerance']:.3g})")
+    return result
+
+
+def graph_io(path: Path) -> tuple[list[str], list[str]]:
+    """Input and output names of an ONNX graph, in graph order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+
+def _shape_zero_key(shape, zeros: int) -> tuple:
+    # Sorted shape: the exporter may store a weight transposed (MatMul wants [in, out]).
+    return tuple(sorted(shape)), zeros
+
+
+def check_zeros(run: RunDir, onnx_dir: Path) -> dict:
+    """Do the checkpoint's pruned tensors reappear in the ONNX initializers with the same zero counts?"""
+    import onnx
+    from onnx import numpy_helper
+
+    from harness.sparsity import _matches, saved_tensors
+
+    prunable = set(read_json(run.path / SPARSITY_FILE)["prunable_tensors"])
+    wanted: Counter = Counter()
+    zeros = numel = 0
+    for name, tensor in saved_tensors(run.model_dir):
+        if _matches(name, prunable):
+            count = int((tensor == 0).sum())
+            wanted[_shape_zero_key(tensor.shape, count)] += 1
+            zeros, numel = zeros + count, numel + tensor.numel()
+    found: Counter = Counter()
+    for file in sorted(onnx_dir.glob("*.onnx")):
+        for initializer in onnx.load(str(file)).graph.initializer:
+            if len(initializer.dims) >= 2:
+                array = numpy_helper.to_array(initializer)
+                found[_shape_zero_key(array.shape, int((array == 0).sum()))] += 1
+    missing = wanted - found
+    preserved = not missing
+    matched = wanted - missing
+    matched_zeros = sum(z * n for (_, z), n in matched.items())
+    matched_numel = sum(int(np.prod(s)) * n for (s, _), n in matched.items())
+    result = {
+        "checkpoint_percent": round(100.0 * zeros / numel, 4) if numel else 0.0,
+        "onnx_percent": round(100.0 * matched_zeros / matched_numel, 4) if matched_numel else 0.0,
+        "tensors": sum(wanted.values()),
+        "tensors_matched": sum(matched.values()),
+        "preserved": preserved,
+    }
+    if not preserved:
+        raise HarnessError(f"ONNX export of {run.path} lost zeros: {sum(missing.values())} of {result['tensors']} "
+                           f"pruned tensors have no ONNX initializer with the same shape and zero count")
+    return result
+
+
+def run_from_args(args) -> RunDir:
+    """The run directory named by --model/--level/--recipe (a registry alias or a run directory path)."""
+    model = args.model
+    path = Path(model).expanduser()
+    if (path / MANIFEST).exists():
+        manifest = read_json(path / MANIFEST)
+        return RunDir(manifest["model"], manifest["recipe"], float(manifest["level"]))
+    return RunDir(load.resolve_spec(model).name, args.recipe, parse_level(args.level))
+
+
+def add_run_arguments(parser) -> None:
+    """--model/--level/--recipe: the run directory a stage works on."""
+    parser.add_argument("--model", required=True, help="registry alias (with --level/--recipe) or a run directory")
+    parser.add_argument("--level", default="0", help="sparsity level of the run, in percent (0 = dense)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe of the run (default {DEFAULT_RECIPE})")
+
+
+def add_arguments(parser) -> None:
+    add_run_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="export again even if the export is current")
+
+
+def main(args) -> None:
+    run = run_from_args(args)
+    onnx_dir = ensure_onnx(run, args.force)
+    summary = read_json(onnx_dir / EXPORT_FILE)
+    print(f"export: {onnx_dir}: "
+          f"{', '.join(summary['graphs'])} (opset {summary['opset']}); parity max abs diff "
+          f"{summary['parity']['max_abs_diff']:.2e}; zeros preserved: "
+          f"{summary['zeros']['onnx_percent']:.2f}% in ONNX = {summary['zeros']['checkpoint_percent']:.2f}% in the checkpoint")

@@ -1,0 +1,150 @@
+"""ONNX export: parity with PyTorch for the three tiny architectures, zeros preserved, bad input."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from harness import cli, export, load, sparsity
+from harness.errors import HarnessError
+from harness.rundir import MANIFEST, MODEL_SUBDIR, RunDir, fingerprint, read_json, stage_run, staging_dir, write_json
+
+RECIPE = "fixture/magnitude"  # run directories written here, not by a real recipe
+
+
+def write_run(model: str, level: float) -> RunDir:
+    """A run directory laid out like the prune stage's, pruned here by per-tensor magnitude."""
+    spec = load.resolve_spec(model)
+    run = RunDir(spec.name, RECIPE, float(level))
+    if run.exists():
+        return run
+    with staging_dir(run.path) as tmp:
+        write_json(tmp / MANIFEST, {"model": spec.name, "spec": spec.to_dict(), "recipe": RECIPE, "level": level})
+        with stage_run(tmp / MANIFEST, "prune", fingerprint(model, level)):
+            loaded = load.load_model(spec)
+            targets = sparsity.prunable_names(loaded.model)
+            params = dict(loaded.model.named_parameters())
+            with torch.no_grad():
+                for name in targets:
+                    flat = params[name].view(-1)
+                    flat[flat.abs().argsort()[:int(flat.numel() * level / 100)]] = 0
+            loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
+            write_json(tmp / "sparsity.json", sparsity.measure(tmp / MODEL_SUBDIR, targets, level))
+    return run
+
+
+def onnx_zero_counts(onnx_dir) -> list[int]:
+    return [int((numpy_helper.to_array(t) == 0).sum()) for f in sorted(onnx_dir.glob("*.onnx"))
+            for t in onnx.load(str(f)).graph.initializer if len(t.dims) >= 2]
+
+
+EXPECTED_GRAPHS = {
+    "tiny-gpt2": {"model.onnx": (["input_ids", "attention_mask", "position_ids"], ["logits"])},
+    "tiny-deberta": {"model.onnx": (["input_ids", "attention_mask"], ["logits"])},
+    "tiny-m2m100": {"encoder_model.onnx": (["input_ids", "attention_mask"], ["last_hidden_state"]),
+                    "decoder_model.onnx": (["encoder_attention_mask", "input_ids", "encoder_hidden_states"], ["logits"])},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED_GRAPHS))
+def exported(request):
+    run = write_run(request.param, 90)
+    return run, export.ensure_onnx(run)
+
+
+def test_export_writes_the_documented_graphs_and_records_the_stage(exported):
+    run, onnx_dir = exported
+    summary = read_json(onnx_dir / export.EXPORT_FILE)
+    expected = EXPECTED_GRAPHS[run.model]
+    assert {name: (g["inputs"], g["outputs"]) for name, g in summary["graphs"].items()} == {
+        name: (inputs, outputs) for name, (inputs, outputs) in expected.items()}
+    for name in expected:
+        assert onnx.load(str(onnx_dir / name), load_external_data=False).opset_import[0].version == export.OPSET
+    record = run.stage_record("export")
+    assert record["status"] == "done" and record["zeros_preserved"] is True
+    assert record["parity_max_abs_diff"] == summary["parity"]["max_abs_diff"] < 1e-3
+
+
+def test_onnx_runtime_matches_pytorch_on_new_inputs(exported):
+    run, onnx_dir = exported
+    loaded = load.load_model(load.resolve_spec(str(run.path)))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(4, loaded.model.config.vocab_size, size=(3, 20), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 12:] = 0
+    values = {"input_ids": ids, "attention_mask": mask}
+    if loaded.spec.architecture == "encoder-decoder":
+        values["decoder_input_ids"] = np.array([[2, 7, 9]] * 3, dtype=np.int64)
+    with torch.no_grad():
+        reference = loaded.model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
+    logits = export.run_onnx(onnx_dir, loaded.spec.architecture, values)["logits"]
+    assert logits.shape == reference.shape
+    if loaded.spec.architecture == "decoder":  # padded positions carry no meaning (and differ in position ids)
+        logits, reference = logits[mask == 1], reference[mask == 1]
+    assert np.abs(logits - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def test_zeros_survive_export(exported):
+    run, onnx_dir = exported
+    measured = read_json(run.path / "sparsity.json")
+    zeros = read_json(onnx_dir / export.EXPORT_FILE)["zeros"]
+    assert zeros["onnx_percent"] == zeros["checkpoint_percent"] == pytest.approx(measured["achieved_percent"], abs=1e-3)
+    assert zeros["tensors_matched"] == zeros["tensors"] == len(measured["prunable_tensors"])
+    pruned_zeros = sum(int((t == 0).sum()) for name, t in sparsity.saved_tensors(run.model_dir)
+                       if name in measured["prunable_tensors"])
+    assert sum(onnx_zero_counts(onnx_dir)) >= pruned_zeros > 0
+
+
+def test_export_is_reused_until_forced(exported):
+    run, onnx_dir = exported
+    graph = onnx_dir / next(iter(EXPECTED_GRAPHS[run.model]))
+    before = graph.stat().st_mtime_ns
+    assert export.ensure_onnx(run) == onnx_dir and graph.stat().st_mtime_ns == before
+
+
+def test_lost_zeros_are_detected(exported, tmp_path):
+    run, onnx_dir = exported
+    graph = next(iter(EXPECTED_GRAPHS[run.model]))
+    model = onnx.load(str(onnx_dir / graph))
+    largest = max(model.graph.initializer, key=lambda t: int((numpy_helper.to_array(t) == 0).sum()))
+    dense = numpy_helper.to_array(largest).copy()
+    dense[dense == 0] = 1e-3
+    largest.CopyFrom(numpy_helper.from_array(dense, largest.name))
+    for other in EXPECTED_GRAPHS[run.model]:
+        if other != graph:
+            (tmp_path / other).write_bytes((onnx_dir / other).read_bytes())
+    onnx.save(model, str(tmp_path / graph))
+    with pytest.raises(HarnessError, match="lost zeros"):
+        export.check_zeros(run, tmp_path)
+
+
+def test_static_graph_fixes_axes_and_leaves_the_export_alone(exported):
+    run, onnx_dir = exported
+    graph = onnx_dir / next(iter(EXPECTED_GRAPHS[run.model]))
+    original = graph.read_bytes()
+    dims = {"batch_size": 2, "sequence_length": 16, "encoder_sequence_length": 16, "decoder_sequence_length": 1}
+    with export.static_graph(graph, dims) as fixed:
+        shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(fixed)).graph.input]
+        assert all(shape[0] == 2 and all(shape) for shape in shapes)
+    assert not fixed.exists() and graph.read_bytes() == original
+
+
+def test_missing_run_says_to_prune_first(capsys):
+    code = cli.main(["export", "--model", "tiny-gpt2", "--level", "42", "--recipe", RECIPE])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "make prune MODEL=tiny-gpt2 LEVEL=42" in lines[0]
+
+
+def test_export_failure_names_the_operator_and_architecture(monkeypatch):
+    import optimum.exporters.onnx as optimum_onnx
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy_attention' to ONNX opset version 14 is not supported.")
+
+    monkeypatch.setattr(optimum_onnx, "onnx_export_from_model", unsupported)
+    run = write_run("tiny-gpt2", 0)
+    with pytest.raises(HarnessError) as error:
+        export.ensure_onnx(run, force=True)
+    assert "aten::fancy_attention" in str(error.value) and "gpt2" in str(error.value)
+    assert not any(p.name.startswith(".onnx") for p in run.path.iterdir())
