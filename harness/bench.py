@@ -131,18 +131,32 @@ def _ort_step(session, names: list[str], outputs: list[str]) -> Step:
     return lambda values: dict(zip(outputs, session.run(None, export.onnx_feeds(names, values))))
 
 
+# (model, graph file) pairs DeepSparse compiled in a child process: some graphs (e.g. Llama exports) make
+# its compiler abort the whole process instead of raising, so each model's graphs are tried once in a
+# child first (the ops, and so the outcome, are the same at every sparsity level).
+_COMPILES_CLEANLY: set[tuple[str, str]] = set()
+
+
 def deepsparse_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
     """DeepSparse engines compiled for the example's shapes (from static copies of the graphs)."""
     os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
     from deepsparse import Engine
+
+    from harness.evaluators.onnx_engine import compile_failure
 
     batch_size, seq_len = example["input_ids"].shape
     dims = {"batch_size": batch_size, "sequence_length": seq_len, "encoder_sequence_length": seq_len,
             "decoder_sequence_length": example.get("decoder_input_ids", example["input_ids"]).shape[1]}
     steps = {}
     for graph in export.graph_files(variant.spec.architecture):
-        names, outputs = export.graph_io(variant.onnx_dir / graph)
-        with export.static_graph(variant.onnx_dir / graph, dims) as fixed:
+        path = variant.onnx_dir / graph
+        names, outputs = export.graph_io(path)
+        with export.static_graph(path, dims) as fixed:
+            if (variant.spec.name, graph) not in _COMPILES_CLEANLY:
+                failure = compile_failure(fixed, batch_size)
+                if failure:
+                    raise RuntimeError(f"DeepSparse cannot compile {graph} ({failure})")
+                _COMPILES_CLEANLY.add((variant.spec.name, graph))
             engine = Engine(str(fixed), batch_size=batch_size, num_cores=threads)
         steps[PARTS[graph]] = _deepsparse_step(engine, names, outputs)
     return steps
@@ -428,11 +442,11 @@ def speedups(results: dict, dense_results: dict, ideal: dict) -> dict:
         def ratio(dense_engine: str, sparse_engine: str):
             dense = dense_results.get(dense_engine, {}).get(scenario)
             sparse = results.get(sparse_engine, {}).get(scenario)
-            return round(dense["median_ms"] / sparse["median_ms"], 4) if dense and sparse else None
+            return dense["median_ms"] / sparse["median_ms"] if dense and sparse else None
 
         entry = {engine: ratio(engine, engine) for engine in results}
         entry["headline"] = ratio("onnxruntime", "deepsparse")
-        entry["efficiency"] = {k: (round(v / ideal_entry["speedup"], 4) if v is not None else None)
+        entry["efficiency"] = {k: (v / ideal_entry["speedup"] if v is not None else None)
                                for k, v in entry.items() if k != "efficiency"}
         out[scenario] = entry
     return out

@@ -123,13 +123,22 @@ def test_cli_prints_the_table(gpt2_bench, capsys):
     assert len(out.splitlines()) < 25
 
 
-def test_deepsparse_failure_falls_back_with_a_warning(gpt2_bench, monkeypatch):
+@pytest.mark.parametrize("failure", ["not installed", "compiler aborts"])
+def test_deepsparse_failure_falls_back_with_a_warning(gpt2_bench, monkeypatch, failure):
     run, _ = gpt2_bench
-    monkeypatch.setitem(sys.modules, "deepsparse", None)  # what an unsupported CPU or a missing install looks like
+    if failure == "not installed":  # also what an unsupported CPU looks like: the import fails
+        monkeypatch.setitem(sys.modules, "deepsparse", None)
+        expected = "ModuleNotFoundError"
+    else:
+        from harness.evaluators import onnx_engine
+
+        monkeypatch.setattr(bench, "_COMPILES_CLEANLY", set())
+        monkeypatch.setattr(onnx_engine, "compile_failure", lambda graph, batch: "exit code -6: Assertion `ok' failed")
+        expected = "cannot compile model.onnx"
     settings = {**SETTINGS, "batch_sizes": [1], "engines": ["deepsparse", "onnxruntime"]}
-    result = bench.bench(run, settings)
+    result = bench.bench(run, settings, force=True)
     assert result["engines"]["deepsparse"]["status"] == "unavailable"
-    assert "ModuleNotFoundError" in result["engines"]["deepsparse"]["reason"]
+    assert expected in result["engines"]["deepsparse"]["reason"]
     assert any("DeepSparse unavailable" in w for w in result["warnings"])
     assert result["results"]["onnxruntime"]["b1_s16"]["median_ms"] > 0
     assert result["speedups"]["b1_s16"]["headline"] is None
