@@ -281,7 +281,7 @@ def measure_structure(weights_dir: Path, spec: load.ModelSpec, thresholds: Thres
             tally = tally_tensor(name, tensor, thresholds)
             layer, module_type = sparsity.layer_of(name), classify(MODULE_TYPES, name)
             section = classify(SECTIONS, name) if sectioned else ""
-            is_prunable = sparsity._matches(name, wanted) is not None
+            is_prunable = sparsity.match_saved_name(name, wanted) is not None
             tensors.append({"name": name, "layer": layer, "section": section, "module_type": module_type,
                             "prunable": is_prunable, "dtype": str(tensor.dtype).removeprefix("torch."),
                             "shape": list(tensor.shape), **tally.summary(keys)})

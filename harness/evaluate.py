@@ -107,7 +107,7 @@ def data_sources(name: str, entry: dict) -> dict[str, DataSource]:
         missing = [path for path in files.values() if not path.exists()]
         if not missing:
             sources[part] = DataSource(part, files=files)
-        elif part_entry.get("hub") and not load._offline():
+        elif part_entry.get("hub") and not load.hub_offline():
             sources[part] = DataSource(part, hub=part_entry["hub"])
         else:
             hub = f" and the Hub is offline ({DataSource(part, hub=part_entry['hub']).describe()})" \

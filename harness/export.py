@@ -257,13 +257,13 @@ def check_zeros(run: RunDir, onnx_dir: Path) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from harness.sparsity import _matches, saved_tensors
+    from harness.sparsity import match_saved_name, saved_tensors
 
     prunable = set(read_json(run.path / SPARSITY_FILE)["prunable_tensors"])
     wanted: Counter = Counter()
     zeros = numel = 0
     for name, tensor in saved_tensors(run.model_dir):
-        if _matches(name, prunable):
+        if match_saved_name(name, prunable):
             count = int((tensor == 0).sum())
             wanted[_shape_zero_key(tensor.shape, count)] += 1
             zeros, numel = zeros + count, numel + tensor.numel()

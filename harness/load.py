@@ -146,7 +146,7 @@ def _spec_for_gguf(path: Path) -> ModelSpec:
                      model_class="AutoModelForCausalLM", task="text-generation")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
@@ -163,7 +163,7 @@ def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns))
     except Exception:
-        if _offline():
+        if hub_offline():
             raise _hub_missing(repo_id) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))

@@ -74,7 +74,7 @@ def saved_tensors(model_dir: Path):
             yield name, tensor
 
 
-def _matches(saved_name: str, wanted: set[str]) -> str | None:
+def match_saved_name(saved_name: str, wanted: set[str]) -> str | None:
     """Saved names may lack the wrapper prefix of the in-memory names (e.g. `bert.`, `transformer.`)."""
     if saved_name in wanted:
         return saved_name
@@ -93,7 +93,7 @@ def measure(model_dir: Path, prunable: list[str], target_percent: float) -> dict
         zeros, numel = int((tensor == 0).sum()), tensor.numel()
         totals["overall"][0] += zeros
         totals["overall"][1] += numel
-        match = _matches(name, wanted)
+        match = match_saved_name(name, wanted)
         if match:
             found.add(match)
             for key in ("prunable", f"layer:{layer_of(name)}"):
