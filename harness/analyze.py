@@ -29,8 +29,8 @@ from harness import load, plots, sparsity
 from harness.errors import HarnessError
 from harness.paths import runs_dir
 from harness.recipes import DEFAULT_RECIPE
-from harness.rundir import (MANIFEST, PeakMemory, RunDir, fingerprint, parse_level, read_json, safe_name,
-                            stage_run, staging_dir, write_atomic, write_json)
+from harness.rundir import (MANIFEST, WEIGHT_SUFFIXES, PeakMemory, RunDir, discarded_note, fingerprint, parse_level,
+                            read_json, safe_name, stage_run, staging_dir, write_atomic, write_json)
 
 STAGE = "analyze"
 ANALYSIS_SUBDIR = "analysis"
@@ -52,8 +52,6 @@ LOG10_MIN, LOG10_MAX, LOG10_BIN = -10.0, 3.0, 0.001
 LOG10_BINS = round((LOG10_MAX - LOG10_MIN) / LOG10_BIN)
 COARSE_FACTOR = 50  # 0.05-decade bins in structure.json and the plot
 CHUNK = 1 << 22  # elements converted to float64 at a time
-
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 def _table(*rows: tuple[str, str]) -> list[tuple[re.Pattern, str]]:
@@ -364,7 +362,7 @@ def weight_files(subject: Subject) -> list[Path]:
             f"{subject.weights_dir} holds {others[0]} but analyze reads only safetensors; convert it once with "
             f"`python -c \"import transformers as t; t.{subject.spec.model_class}.from_pretrained('{subject.weights_dir}')"
             f".save_pretrained('CONVERTED', safe_serialization=True)\"` and pass MODEL=CONVERTED")
-    raise HarnessError(f"{subject.weights_dir} has no weights (no *.safetensors file)")
+    raise HarnessError(discarded_note(subject.weights_dir) or f"{subject.weights_dir} has no weights (no *.safetensors file)")
 
 
 def prunable_tensors(subject: Subject) -> list[str]:
@@ -383,6 +381,15 @@ def prunable_tensors(subject: Subject) -> list[str]:
     return sparsity.prunable_names(skeleton)
 
 
+def _weights_identity(subject: Subject):
+    """What changes when the weights change: a run's prune record (its weights may since have been
+    discarded to save disk), else the checkpoint files' names, sizes and times."""
+    if subject.run:
+        record = subject.run.stage_record("prune")
+        return record.get("inputs"), record.get("finished")
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(subject)]
+
+
 def _is_current(subject: Subject, inputs: str) -> bool:
     if subject.run:
         return subject.run.is_current(STAGE, inputs, [f"{ANALYSIS_SUBDIR}/{name}" for name in OUTPUTS])
@@ -395,13 +402,13 @@ def analyze(model: str, recipe: str | None = None, level=None, thresholds: Thres
             heatmap_threshold: float = HEATMAP_THRESHOLD, force: bool = False) -> Path:
     """Analyse a model or run directory; returns the analysis directory."""
     subject = resolve_subject(model, recipe, level)
-    files = weight_files(subject)
     thresholds = Thresholds(tuple(sorted(set(thresholds.absolute) | {heatmap_threshold})), thresholds.relative)
-    inputs = fingerprint(subject.spec.to_dict(), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+    inputs = fingerprint(subject.spec.to_dict(), _weights_identity(subject),
                          thresholds.absolute, thresholds.relative, heatmap_threshold)
     if not force and _is_current(subject, inputs):
         print(f"analyze: {subject.out_dir} is up to date (use --force to redo)")
         return subject.out_dir
+    files = weight_files(subject)
 
     recording = stage_run(subject.run.manifest_path, STAGE, inputs) if subject.run else contextlib.nullcontext({})
     with recording as record, staging_dir(subject.out_dir) as tmp:

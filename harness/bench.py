@@ -9,7 +9,9 @@ per variant (at most `--max-iterations`). Encoder-decoders time the encoder pass
 
 Speedups compare with the dense baseline, level 0 of the same model and recipe (pruned first if
 missing), timed in the same process with passes alternating between dense and sparse, so both see
-the same load on a shared CPU. The FLOP-ideal speedup counts the multiply-accumulates of one
+the same load on a shared CPU. With `--dense-timings level0` the dense figures are instead read from
+level 0's own bench.json (same settings): half the time and one model in memory, for full-size
+models on a quiet machine. The FLOP-ideal speedup counts the multiply-accumulates of one
 forward pass from the model's own modules: Linear/Conv1D weights scale with their measured density,
 everything else (attention score and context matmuls, the LM head and any unpruned layer) stays
 dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
@@ -17,11 +19,13 @@ dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
 `<run>/bench.json`:
 
     model, recipe, level, architecture, achieved_percent, run, dense_run (paths)
-    settings       {batch_sizes, seq_len, threads, iterations, min_time_s, max_iterations, warmup, engines}
+    settings       {batch_sizes, seq_len, threads, iterations, min_time_s, max_iterations, warmup, engines,
+                    dense_timings: "alongside" | "level0", gzip_level}
     cpu            {model, physical_cores, logical_cores, load_average_1min (after timing), avx}
     engines        {engine: {status: "ok" | "unavailable", threads, reason?}}
     results        {engine: {scenario: timing}}        scenario = "b<batch>_s<seq>", e.g. "b1_s128"
-    dense_results  the same for the dense run, timed alongside (level 0: the same numbers as results)
+    dense_results  the same for the dense run, timed alongside or read from level 0 (level 0: the same
+                   numbers as results)
         timing     {batch_size, seq_len, median_ms, p90_ms, items_per_s, iterations, threads,
                     parts?: {encoder: {median_ms, p90_ms}, decoder: {...}}}   (parts: encoder-decoder only;
                     the top-level figures are the combined encoder + decoder step)
@@ -30,6 +34,7 @@ dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
     flop_ideal     {scenario: {speedup, macs_dense, macs_sparse, prunable_share, other_linear_share,
                     other_matmul_share, max_speedup, parts?: {encoder: {...}, decoder: {...}}}}  (per sequence)
     sizes          {params, checkpoint, checkpoint_gzip, onnx, onnx_gzip, sparse_bitmask: {bytes, bits_per_weight}}
+                    (gzip at `gzip_level`, default 6 as the gzip command)
                     sparse_bitmask = compressed-tensors "sparse-bitmask" format written to <run>/compressed/
     warnings       [str]
 
@@ -59,6 +64,7 @@ COMPRESSED_SUBDIR = "compressed"
 DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_SEQ_LEN = 128
 INPUT_SEED = 0
+DENSE_TIMINGS = ("alongside", "level0")
 ROUNDS = 2  # alternating timing blocks per variant when dense and sparse are timed together
 # One graph per part; encoder-decoders run encoder then decoder (in export.graph_files order).
 PARTS = {"model.onnx": "model", "encoder_model.onnx": "encoder", "decoder_model.onnx": "decoder"}
@@ -330,8 +336,8 @@ def flop_ideal_for(model, architecture: str, seq_len: int, targets: set[str]) ->
 
 # --- sizes on disk ----------------------------------------------------------------------------------
 
-def gzip_size(paths: list[Path]) -> int:
-    """Bytes of the files gzip-compressed (level 6), streamed; nothing is written."""
+def gzip_size(paths: list[Path], level: int = 6) -> int:
+    """Bytes of the files gzip-compressed at `level`, streamed; nothing is written."""
     class Counter:
         size = 0
 
@@ -342,7 +348,7 @@ def gzip_size(paths: list[Path]) -> int:
             pass
 
     counter = Counter()
-    with gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=6, mtime=0) as stream:
+    with gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=level, mtime=0) as stream:
         for path in paths:
             with open(path, "rb") as handle:
                 shutil.copyfileobj(handle, stream, 1 << 22)
@@ -370,7 +376,7 @@ def write_bitmask(run: RunDir) -> Path:
     return target
 
 
-def sizes(run: RunDir, onnx_dir: Path, architecture: str) -> dict:
+def sizes(run: RunDir, onnx_dir: Path, architecture: str, gzip_level: int = 6) -> dict:
     """Bytes and bits per weight of the checkpoint, the ONNX graphs, both gzipped, and the sparse-bitmask format."""
     from harness.sparsity import saved_tensors
 
@@ -386,9 +392,9 @@ def sizes(run: RunDir, onnx_dir: Path, architecture: str) -> dict:
     return {
         "params": params,
         "checkpoint": entry(sum(p.stat().st_size for p in checkpoint)),
-        "checkpoint_gzip": entry(gzip_size(checkpoint)),
+        "checkpoint_gzip": entry(gzip_size(checkpoint, gzip_level)),
         "onnx": entry(sum(p.stat().st_size for p in onnx_files)),
-        "onnx_gzip": entry(gzip_size(onnx_files)),
+        "onnx_gzip": entry(gzip_size(onnx_files, gzip_level)),
         "sparse_bitmask": entry(sum(p.stat().st_size for p in bitmask)),
     }
 
@@ -459,13 +465,16 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
     if not dense_run.exists():
         print(f"bench: no dense baseline for {run.model} {run.recipe}; pruning level 0 first")
         prune.prune(run.model, 0, run.recipe)
-    variants = {"sparse": Variant.of(run)}
-    if run.level > 0:
-        variants["dense"] = Variant.of(dense_run)
-    exports = [(v.run.stage_record("export") or {}) for v in variants.values()]
-    inputs = fingerprint([(e.get("inputs"), e.get("finished")) for e in exports], settings)
+    reuse_dense = run.level > 0 and settings["dense_timings"] == "level0"
+    dense_document = dense_bench(dense_run, settings) if reuse_dense else None
+    timed_runs = [run] if reuse_dense or run.level == 0 else [run, dense_run]
+    # The weights' identity (their prune records), not the exports: a finished run may have had its
+    # checkpoint and ONNX discarded to save disk, and its bench.json still stands.
+    inputs = fingerprint([(r.stage_record("prune") or {}).get("finished") for r in timed_runs], export.OPSET,
+                         settings, (dense_run.stage_record("bench") or {}).get("finished") if reuse_dense else None)
     if not force and run.is_current("bench", inputs, [BENCH_FILE]):
         return read_json(run.path / BENCH_FILE)
+    variants = {"sparse": Variant.of(run)} | ({"dense": Variant.of(dense_run)} if len(timed_runs) > 1 else {})
 
     sparse = variants["sparse"]
     bench_warnings: list[str] = []
@@ -477,7 +486,7 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
             ideal = {scenario_name(b, settings["seq_len"]): per_sequence for b in settings["batch_sizes"]}
             bench_warnings += busy_cpu_warning(settings["threads"])
             engines, results = bench_engines(variants, settings, bench_warnings)
-        dense_results = results.get("dense", results["sparse"])
+        dense_results = dense_document["results"] if dense_document else results.get("dense", results["sparse"])
         result = {
             "model": run.model, "recipe": run.recipe, "level": run.level,
             "architecture": sparse.spec.architecture,
@@ -487,7 +496,7 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
             "results": results["sparse"], "dense_results": dense_results,
             "speedups": speedups(results["sparse"], dense_results, ideal),
             "flop_ideal": ideal,
-            "sizes": sizes(run, sparse.onnx_dir, sparse.spec.architecture),
+            "sizes": sizes(run, sparse.onnx_dir, sparse.spec.architecture, settings["gzip_level"]),
             "warnings": bench_warnings,
         }
         write_json(run.path / BENCH_FILE, result)
@@ -495,6 +504,20 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
         record.update(headline_speedup=result["speedups"][first]["headline"],
                       flop_ideal_speedup=ideal[first]["speedup"], warnings=len(result["warnings"]))
     return result
+
+
+def dense_bench(dense_run: RunDir, settings: dict) -> dict:
+    """Level 0's bench.json, benched first if missing; it must have been timed with the same settings."""
+    path = dense_run.path / BENCH_FILE
+    if not path.exists():
+        print(f"bench: no dense timings in {dense_run.path}; benching level 0 first")
+        bench(dense_run, settings)
+    document = read_json(path)
+    if document["settings"] != settings:
+        differing = sorted(k for k in settings if document["settings"].get(k) != settings[k])
+        raise HarnessError(f"{path} was timed with other settings ({', '.join(differing)}); bench level 0 again "
+                           f"with these settings (--force) or use --dense-timings alongside")
+    return document
 
 
 def busy_cpu_warning(threads: int) -> list[str]:
@@ -598,6 +621,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-time", type=float, default=1.0, help="minimum timed seconds per scenario (default 1)")
     parser.add_argument("--max-iterations", type=int, default=100, help="maximum timed passes per scenario")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes before each timing block (default 1)")
+    parser.add_argument("--dense-timings", choices=DENSE_TIMINGS, default=DENSE_TIMINGS[0],
+                        help="time the dense baseline alongside each level (default; fair on a shared CPU) or "
+                             "reuse level 0's bench.json (half the time, one model in memory)")
+    parser.add_argument("--gzip-level", type=int, choices=range(1, 10), default=6, metavar="1-9",
+                        help="gzip level for the compressed sizes (default 6; 1 is 2-3x faster on GB-sized models)")
 
 
 def settings_from_args(args) -> dict:
@@ -610,7 +638,8 @@ def settings_from_args(args) -> dict:
     return {"batch_sizes": sorted(set(args.batch_sizes)), "seq_len": args.seq_len,
             "threads": args.threads or physical_threads(), "iterations": args.iterations,
             "min_time_s": args.min_time, "max_iterations": max(args.max_iterations, args.iterations),
-            "warmup": args.warmup, "engines": [e for e in ENGINES if e in engines]}
+            "warmup": args.warmup, "engines": [e for e in ENGINES if e in engines],
+            "dense_timings": args.dense_timings, "gzip_level": args.gzip_level}
 
 
 def main(args) -> None:

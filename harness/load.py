@@ -17,7 +17,7 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.paths import cache_dir
-from harness.rundir import MANIFEST, MODEL_SUBDIR, fingerprint, staging_dir
+from harness.rundir import MANIFEST, MODEL_SUBDIR, discarded_note, fingerprint, staging_dir
 
 REGISTRY_FILE = Path(__file__).with_name("models.yaml")
 CONFIGS_DIR = Path(__file__).with_name("configs")
@@ -244,6 +244,8 @@ def load_model(model: str | ModelSpec, dtype=None) -> LoadedModel:
     spec = model if isinstance(model, ModelSpec) else resolve_spec(model)
     path = checkpoint_dir(spec)
     auto_class = getattr(transformers, spec.model_class)
+    if path.is_dir() and discarded_note(path):
+        raise HarnessError(f"cannot load model '{spec.name}': {discarded_note(path)}")
     try:
         loaded = auto_class.from_pretrained(path, torch_dtype=dtype or torch.float32)
     except OSError as exc:

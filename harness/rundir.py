@@ -28,6 +28,8 @@ from harness.paths import runs_dir
 
 MANIFEST = "manifest.json"
 MODEL_SUBDIR = "model"
+DISCARDED_NOTE = "DISCARDED.txt"  # left in model/ when its weights were deleted to save disk
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TRACKED_PACKAGES = (
     "torch", "transformers", "sparseml", "deepsparse", "neural-compressor", "onnx", "onnxruntime",
     "optimum", "optimum-onnx", "lm-eval", "compressed-tensors", "gguf", "numpy",
@@ -177,6 +179,37 @@ class RunDir:
             and all((self.path / out).exists() for out in outputs)
         )
 
+    def discard_artifacts(self, derived_subdirs: tuple[str, ...] = ()) -> int:
+        """Delete the checkpoint's weight files and the given derived subdirectories (e.g. the ONNX
+        export) to save disk, keeping every result and the manifest; returns the bytes freed.
+
+        The stages' records stay valid (their results were computed before), so a rerun skips them;
+        loading the model says how to recreate the weights instead of failing obscurely.
+        """
+        doomed = [p for p in self.model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)] if self.model_dir.exists() else []
+        doomed += [self.path / name for name in derived_subdirs if (self.path / name).exists()]
+        if not doomed:
+            return 0
+        freed = sum(f.stat().st_size for p in doomed for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+        level = level_name(self.level)
+        write_atomic(self.model_dir / DISCARDED_NOTE,
+                     f"The weights of this run were deleted on {time.strftime('%Y-%m-%d %H:%M')} to save disk "
+                     f"(sweep --discard-artifacts); its results stand. Recreate them with: "
+                     f"python -m harness prune --model {self.model} --level {level} --recipe {self.recipe} --force\n")
+        for path in doomed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        manifest = self.manifest()
+        manifest["discarded"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bytes": freed,
+                                 "paths": sorted(str(p.relative_to(self.path)) for p in doomed)}
+        write_json(self.manifest_path, manifest)
+        return freed
+
+
+def discarded_note(weights_dir: Path) -> str | None:
+    """Why `weights_dir` has no weights, if they were discarded on purpose (see RunDir.discard_artifacts)."""
+    note = Path(weights_dir) / DISCARDED_NOTE
+    has_weights = any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(weights_dir).iterdir()) if note.exists() else True
+    return None if has_weights else note.read_text().strip()
 
 
 def record_stage(manifest_path: Path, stage: str, record: dict) -> None:

@@ -3,6 +3,9 @@
 Each stage is run through its own CLI entry point, in this process; each stage skips itself when its
 outputs exist and its inputs are unchanged, so rerunning a sweep does no work. A failing level is
 recorded with its error in `runs/<model>/sweep.json` and the sweep goes on with the next one.
+With `discard_artifacts`, a run whose stages all finished loses its checkpoint weights, ONNX export
+and compressed copy (its results stay): full-size models need ~6 GB per copy, so a sweep of many
+levels fits on disk only this way. Level 0 goes last, as the other levels may compare against it.
 """
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ import traceback
 
 from tqdm import tqdm
 
-from harness import cli
+from harness import bench, cli, export
 from harness.errors import HarnessError
 from harness.load import resolve_spec
 from harness.paths import runs_dir
 from harness.recipes import DEFAULT_RECIPE
-from harness.rundir import level_name, parse_level, read_json, safe_name, write_json
+from harness.rundir import RunDir, level_name, parse_level, read_json, safe_name, write_json
 
 STAGE_ORDER = ("prune", "analyze", "bench", "eval")
 DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
@@ -61,7 +64,8 @@ def parse_stages(text: str) -> list[str]:
 
 
 def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
-          limit: int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None) -> dict:
+          limit: int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None,
+          discard_artifacts: bool = False) -> dict:
     """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
     levels = [parse_level(level) for level in levels]
     specs = [resolve_spec(model) for model in models]
@@ -72,6 +76,7 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
         ledger_path = runs_dir() / safe_name(spec.name) / SWEEP_FILE
         ledger = read_json(ledger_path) if ledger_path.exists() else {"runs": {}}
         for recipe in recipes:
+            baselines = []  # level 0: discarded last, the other levels may compare against it
             for level in levels:
                 key = f"{recipe}/{level_name(level)}"
                 statuses = {}
@@ -86,10 +91,21 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
                     progress.update(1)
                 ledger["runs"][key] = {**ledger["runs"].get(key, {}), **statuses}
                 write_json(ledger_path, ledger)
+                if discard_artifacts and all(s["status"] != "failed" for s in statuses.values()):
+                    finished = RunDir(spec.name, recipe, level)
+                    baselines.append(finished) if level == 0 else _discard(finished)
+            for run in baselines:
+                _discard(run)
         summary[spec.name] = ledger["runs"]
     progress.close()
     _print_summary(summary, stages)
     return summary
+
+
+def _discard(run: RunDir) -> None:
+    freed = run.discard_artifacts((export.ONNX_SUBDIR, bench.COMPRESSED_SUBDIR))
+    if freed:
+        tqdm.write(f"sweep: discarded {freed / 1e9:.1f} GB of weights and exports in {run.path}")
 
 
 def _attempt(argv: list[str]) -> dict:
@@ -123,6 +139,9 @@ def add_arguments(parser) -> None:
                         + ",".join(STAGE_ORDER))
     parser.add_argument("--limit", type=int, default=None, help="examples per benchmark for eval")
     parser.add_argument("--force", action="store_true", help="redo prune (and so every later stage)")
+    parser.add_argument("--discard-artifacts", action="store_true",
+                        help="delete each finished run's weights, ONNX and compressed copy (results stay): "
+                             "for full-size models that would not fit on disk")
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE:ARGS",
                         help="extra options for one stage, e.g. 'bench:--iterations 5 --batch-sizes 1'")
 
@@ -131,7 +150,7 @@ def main(args) -> None:
     if args.limit is not None and args.limit <= 0:
         raise HarnessError(f"LIMIT must be a positive integer, got {args.limit}")
     summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
-                    args.limit, args.force, parse_stage_args(args.stage_args))
+                    args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts)
     failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()
               if any(s.get("status") == "failed" for s in st.values())]
     if failed:

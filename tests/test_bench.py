@@ -7,12 +7,14 @@ import transformers
 from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 
 from harness import bench, cli, export, sparsity
+from harness.errors import HarnessError
 from harness.rundir import read_json
 from test_export import RECIPE, write_run
 
 # One thread: DeepSparse's spinning worker threads slow down badly when the CPU is shared (CI).
 SETTINGS = {"batch_sizes": [1, 2], "seq_len": 16, "threads": 1, "iterations": 3, "min_time_s": 0.0,
-            "max_iterations": 3, "warmup": 1, "engines": list(bench.ENGINES)}
+            "max_iterations": 3, "warmup": 1, "engines": list(bench.ENGINES),
+            "dense_timings": "alongside", "gzip_level": 6}
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +156,13 @@ def test_a_busy_cpu_is_flagged(monkeypatch):
     assert bench.busy_cpu_warning(threads=2) == []
     monkeypatch.setattr(bench.os, "getloadavg", lambda: (8.0, 8.0, 8.0))
     assert "unreliable" in bench.busy_cpu_warning(threads=2)[0]
+
+
+def test_level0_dense_timings_are_reused_only_with_the_same_settings(gpt2_bench):
+    run, _ = gpt2_bench
+    settings = {**SETTINGS, "batch_sizes": [1], "engines": ["onnxruntime"], "dense_timings": "level0"}
+    result = bench.bench(run, settings, force=True)
+    level0 = read_json(result["dense_run"] + "/bench.json")
+    assert result["dense_results"] == level0["results"] and level0["settings"] == settings
+    with pytest.raises(HarnessError, match=r"other settings \(iterations\)"):
+        bench.bench(run, {**settings, "iterations": 2}, force=True)

@@ -81,3 +81,33 @@ def test_bad_sweep_arguments_are_one_line_errors():
         sweep.parse_stage_args(["--iterations 2"])
     assert sweep.parse_stage_args(["bench:--iterations 2 --batch-sizes 1"]) == {
         "bench": ["--iterations", "2", "--batch-sizes", "1"]}
+
+
+def test_discarding_artifacts_keeps_results_and_resume(monkeypatch, tmp_path):
+    """A full-size sweep's disk mode: each finished run loses its weights, ONNX and compressed copy, the
+    dense timings come from level 0's bench.json, and a rerun still does no work."""
+    monkeypatch.setenv("HARNESS_RUNS", str(tmp_path))
+    from harness import load
+
+    stages = ["prune", "analyze", "bench"]
+    bench_args = {"bench": ["--dense-timings", "level0", "--batch-sizes", "1", "--seq-len", "8", "--threads", "1",
+                            "--iterations", "1", "--min-time", "0", "--engines", "onnxruntime,pytorch",
+                            "--gzip-level", "1"]}
+    summary = sweep.sweep([MODEL], RECIPES[:1], [0, 50], stages, stage_args=bench_args, discard_artifacts=True)
+    assert all(s["status"] == "done" for st in summary[MODEL].values() for s in st.values())
+
+    dense, sparse = (RunDir(MODEL, RECIPES[0], level) for level in (0, 50))
+    sparse_bench, dense_bench = (read_json(r.path / "bench.json") for r in (sparse, dense))
+    assert sparse_bench["dense_results"] == dense_bench["results"]
+    assert sparse_bench["settings"]["dense_timings"] == "level0"
+    for run in (dense, sparse):
+        assert not list(run.model_dir.glob("*.safetensors"))
+        assert not (run.path / "onnx").exists() and not (run.path / "compressed").exists()
+        assert (run.path / "analysis" / "structure.json").exists()
+        assert run.manifest()["discarded"]["bytes"] > 0
+    with pytest.raises(HarnessError, match="Recreate them with: python -m harness prune"):
+        load.load_model(str(sparse.path))
+
+    stamps = {(r.level, s): r.stage_record(s)["finished"] for r in (dense, sparse) for s in stages}
+    sweep.sweep([MODEL], RECIPES[:1], [0, 50], stages, stage_args=bench_args, discard_artifacts=True)
+    assert {(r.level, s): r.stage_record(s)["finished"] for r in (dense, sparse) for s in stages} == stamps
