@@ -17,7 +17,7 @@ ARGS   ?=
 
 HARNESS := $(PY) -m harness
 RECIPE_ARGS := $(foreach r,$(RECIPE),--recipe $(r))
-LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT))
+LIMIT_ARG := $(if $(LIMIT),--limit "$(LIMIT)")
 
 .PHONY: help setup models recipes prune analyze export bench eval sweep report bench-shapes test test-all clean
 
@@ -50,7 +50,7 @@ export: $(STAMP)  ## export a run to ONNX and check parity with PyTorch
 bench: $(STAMP)  ## DeepSparse vs ONNX Runtime vs PyTorch speed and sizes -> bench.json
 	$(HARNESS) bench --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
 
-eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples)
+eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples, or NAME=n,...)
 	$(HARNESS) eval --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(LIMIT_ARG) $(ARGS)
 
 sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RECIPE, resuming

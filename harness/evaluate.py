@@ -77,17 +77,31 @@ def benchmark_registry() -> dict[str, dict]:
     return entries
 
 
-def parse_limit(value) -> int | None:
-    """LIMIT: examples per benchmark (per language pair for translation), a positive integer, or None for all."""
-    if value is None or value == "":
+def parse_limit(value) -> int | dict[str, int] | None:
+    """LIMIT: examples per benchmark (per language pair for translation), None for all.
+
+    A positive integer applies to every benchmark; `NAME=N` entries (comma- or space-separated) set one
+    benchmark's limit, e.g. `wikitext2=4,lambada_openai=500` (a bare number among them is the default
+    for the others). Returns an int, None, or {name: N} with the default under "*".
+    """
+    if value is None or str(value).strip() == "":
         return None
-    try:
-        limit = int(str(value))
-    except ValueError:
-        limit = 0
-    if limit < 1:
-        raise HarnessError(f"LIMIT must be a positive integer (examples per benchmark), got {value!r}")
-    return limit
+    limits = {}
+    for entry in str(value).replace(",", " ").split():
+        name, _, number = entry.rpartition("=")
+        try:
+            limits[name or "*"] = int(number)
+        except ValueError:
+            limits[name or "*"] = 0
+        if limits[name or "*"] < 1:
+            raise HarnessError(f"LIMIT must be a positive integer (examples per benchmark) or NAME=N entries, "
+                               f"e.g. wikitext2=4,lambada_openai=500; got {value!r}")
+    return limits["*"] if list(limits) == ["*"] else limits
+
+
+def limit_for(limit: int | dict[str, int] | None, benchmark: str) -> int | None:
+    """The examples limit of one benchmark under a parsed LIMIT."""
+    return limit.get(benchmark, limit.get("*")) if isinstance(limit, dict) else limit
 
 
 def parse_engines(value: str | tuple) -> tuple[str, ...]:
@@ -154,13 +168,13 @@ def _baseline(run: RunDir) -> dict | None:
             "document": read_json(baseline.path / EVAL_FILE)}
 
 
-def deltas(results: dict, baseline: dict, limit: int | None) -> None:
-    """Fill `delta_vs_level0` of each finished benchmark evaluated at level 0 with the same LIMIT."""
+def deltas(results: dict, baseline: dict) -> None:
+    """Fill `delta_vs_level0` of each finished benchmark evaluated at level 0 with the same limit."""
     for name, result in results.items():
         if result["status"] != "done":
             continue
         base = baseline["benchmarks"].get(name, {})
-        if base.get("status") == "done" and base.get("limit") == limit:
+        if base.get("status") == "done" and base.get("limit") == result["limit"]:
             result["delta_vs_level0"] = {m: v["value"] - base["metrics"][m]["value"]
                                          for m, v in result["metrics"].items() if m in base["metrics"]}
 
@@ -187,6 +201,10 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
                            f"its accuracy means nothing, so eval refuses it")
     limit, engines = parse_limit(limit), parse_engines(engines)
     runnable, skipped = plan(spec, benchmarks)
+    unknown = sorted(set(limit) - set(runnable) - set(skipped) - {"*"}) if isinstance(limit, dict) else []
+    if unknown:
+        raise HarnessError(f"LIMIT names {unknown[0]!r}, which is not among the benchmarks evaluated "
+                           f"({', '.join([*runnable, *skipped])})")
     _ensure_run(run)
     registry = benchmark_registry()
     prune_record = run.stage_record("prune")
@@ -208,18 +226,18 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
         for name, sources in runnable.items():
             entry = registry[name]
             start = time.time()
-            job = EvalJob(name, entry, sources, loaded, limit, engines, onnx_dir, reference_model=reference,
+            job = EvalJob(name, entry, sources, loaded, limit_for(limit, name), engines, onnx_dir, reference_model=reference,
                           engine_cores=cores, graphs=graphs)
             outcome = EVALUATORS[entry["evaluator"]].run(job)
             results[name] = {"status": "done", "description": entry.get("description", ""),
                              "evaluator": entry["evaluator"],
                              "data": {part: source.describe() for part, source in sources.items()},
-                             "limit": limit, "wall_time_s": round(time.time() - start, 2),
+                             "limit": limit_for(limit, name), "wall_time_s": round(time.time() - start, 2),
                              **outcome, "delta_vs_level0": None}
         results.update({name: {"status": "skipped", "reason": reason} for name, reason in skipped.items()})
         baseline = _baseline(run)
         if baseline:
-            deltas(results, baseline["document"], limit)
+            deltas(results, baseline["document"])
         document = {"model": spec.name, "recipe": run.recipe, "level": run.level, "limit": limit,
                     "engines": list(engines),
                     "baseline": {k: baseline[k] for k in ("path", "finished")} if baseline else None,
@@ -254,10 +272,14 @@ def _engine_cell(engine: dict | None, metric: str) -> str:
     return f"{engine['runtime']} cos {engine['mean_cosine_vs_pytorch']:.5f}/{engine['sample']}"
 
 
+def _limit_text(limit: int | dict) -> str:
+    return ",".join(f"{k}={v}" if k != "*" else str(v) for k, v in limit.items()) if isinstance(limit, dict) else str(limit)
+
+
 def format_table(document: dict) -> str:
     """eval.json as a table: one row per benchmark metric."""
     header = (f"{document['model']} {document['recipe']} level {level_name(document['level'])}"
-              f"{'' if document['limit'] is None else ' LIMIT ' + str(document['limit'])}")
+              f"{'' if document['limit'] is None else ' LIMIT ' + _limit_text(document['limit'])}")
     rows = [header, f"{'benchmark':<20} {'metric':<18} {'value':>10} {'stderr':>9} {'n':>6} "
                     f"{'vs level 0':>11} {'time s':>7}  deepsparse vs pytorch"]
     for name, result in document["benchmarks"].items():
@@ -278,7 +300,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe of the run (default {DEFAULT_RECIPE})")
     parser.add_argument("--benchmarks", help="comma-separated names from evals/benchmarks.yaml "
                                              "(default: the model's benchmarks in harness/models.yaml)")
-    parser.add_argument("--limit", help="at most this many examples per benchmark (per language pair)")
+    parser.add_argument("--limit", help="at most this many examples per benchmark (per language pair), or "
+                                        "NAME=N entries per benchmark, e.g. wikitext2=4,lambada_openai=500")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="pytorch, plus deepsparse to check the exported ONNX on DeepSparse (default both)")
     parser.add_argument("--cores", type=int, help="cores for DeepSparse (default: all physical cores)")

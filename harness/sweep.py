@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from harness import bench, cli, export
 from harness.errors import HarnessError
+from harness.evaluate import parse_limit
 from harness.load import resolve_spec
 from harness.paths import runs_dir
 from harness.recipes import DEFAULT_RECIPE
@@ -27,7 +28,7 @@ DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
 SWEEP_FILE = "sweep.json"
 
 
-def stage_argv(stage: str, model: str, recipe: str, level: float, limit: int | None, force: bool,
+def stage_argv(stage: str, model: str, recipe: str, level: float, limit: str | int | None, force: bool,
                stage_args: dict[str, list[str]] | None = None) -> list[str]:
     """The CLI arguments that run one stage on one run directory (plus that stage's extra options)."""
     argv = [stage, "--model", model, "--level", level_name(level), "--recipe", recipe]
@@ -64,7 +65,7 @@ def parse_stages(text: str) -> list[str]:
 
 
 def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
-          limit: int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None,
+          limit: str | int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None,
           discard_artifacts: bool = False) -> dict:
     """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
     levels = [parse_level(level) for level in levels]
@@ -137,7 +138,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), help="sparsity levels in percent")
     parser.add_argument("--stages", default=",".join(STAGE_ORDER), help="comma-separated subset of "
                         + ",".join(STAGE_ORDER))
-    parser.add_argument("--limit", type=int, default=None, help="examples per benchmark for eval")
+    parser.add_argument("--limit", default=None, help="examples per benchmark for eval (N, or NAME=N entries)")
     parser.add_argument("--force", action="store_true", help="redo prune (and so every later stage)")
     parser.add_argument("--discard-artifacts", action="store_true",
                         help="delete each finished run's weights, ONNX and compressed copy (results stay): "
@@ -147,8 +148,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    if args.limit is not None and args.limit <= 0:
-        raise HarnessError(f"LIMIT must be a positive integer, got {args.limit}")
+    parse_limit(args.limit)  # a bad LIMIT fails before any work
     summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
                     args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts)
     failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()

@@ -227,12 +227,20 @@ def test_each_evaluator_writes_a_well_formed_eval_json(model, names, limit, monk
         assert results["embedding_fidelity"]["deepsparse"]["mean_cosine_vs_pytorch"] > 0.999
 
 
+def test_limit_per_benchmark():
+    assert evaluate.parse_limit("5") == 5 and evaluate.parse_limit("") is None
+    limit = evaluate.parse_limit("wikitext2=4, lambada_openai=500 20")
+    assert limit == {"wikitext2": 4, "lambada_openai": 500, "*": 20}
+    assert [evaluate.limit_for(limit, n) for n in ("wikitext2", "lambada_openai", "rte")] == [4, 500, 20]
+    assert evaluate.limit_for(evaluate.parse_limit("wikitext2=4"), "rte") is None
+
+
 def test_delta_to_the_level_0_baseline():
     results = {"rte": {"status": "done", "metrics": {"accuracy": {"value": 0.5, "stderr": 0.1}}, "limit": 8},
                "wmt14": {"status": "done", "metrics": {"en-de/bleu": {"value": 1.0, "stderr": None}}, "limit": 8}}
     baseline = {"benchmarks": {"rte": {"status": "done", "limit": 8, "metrics": {"accuracy": {"value": 0.625}}},
                                "wmt14": {"status": "done", "limit": 4, "metrics": {"en-de/bleu": {"value": 2.0}}}}}
-    evaluate.deltas(results, baseline, 8)
+    evaluate.deltas(results, baseline)
     assert results["rte"]["delta_vs_level0"] == {"accuracy": -0.125}
     assert "delta_vs_level0" not in results["wmt14"]  # evaluated on other examples: not comparable
 
@@ -244,6 +252,8 @@ def test_delta_to_the_level_0_baseline():
     (["--model", "tiny-deberta", "--limit", "0"], "LIMIT must be a positive integer"),
     (["--model", "tiny-deberta", "--limit", "-3"], "LIMIT must be a positive integer"),
     (["--model", "tiny-deberta", "--limit", "ten"], "LIMIT must be a positive integer"),
+    (["--model", "tiny-deberta", "--limit", "rte=0"], "LIMIT must be a positive integer"),
+    (["--model", "tiny-deberta", "--limit", "wikitext2=4"], "LIMIT names 'wikitext2', which is not among"),
     (["--model", "tiny-deberta", "--benchmarks", "mnli_matched"], "dev_matched.tsv is missing"),
     (["--model", "tiny-gpt2", "--benchmarks", "rte"], "benchmark rte needs a model with an MNLI-style"),
     (["--model", "tiny-deberta", "--engines", "deepsparse"], "--engines must list pytorch"),
