@@ -470,7 +470,8 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
     timed_runs = [run] if reuse_dense or run.level == 0 else [run, dense_run]
     # The weights' identity (their prune records), not the exports: a finished run may have had its
     # checkpoint and ONNX discarded to save disk, and its bench.json still stands.
-    inputs = fingerprint([(r.stage_record("prune") or {}).get("finished") for r in timed_runs], export.OPSET,
+    inputs = fingerprint([(r.stage_record("prune") or {}).get("finished") for r in timed_runs],
+                         export.OPSET, export.GRAPH_REVISION,
                          settings, (dense_run.stage_record("bench") or {}).get("finished") if reuse_dense else None)
     if not force and run.is_current("bench", inputs, [BENCH_FILE]):
         return read_json(run.path / BENCH_FILE)

@@ -24,7 +24,7 @@ from typing import Callable
 
 import yaml
 
-from harness import load
+from harness import export, load
 from harness.errors import HarnessError
 from harness.evaluators import DataSource, EvalJob, classification, embeddings, language_modeling, translation
 from harness.paths import EVALS_DIR, data_dir
@@ -208,7 +208,8 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
     _ensure_run(run)
     registry = benchmark_registry()
     prune_record = run.stage_record("prune")
-    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), limit, engines,
+    graphs_revision = (export.OPSET, export.GRAPH_REVISION) if "deepsparse" in engines else None
+    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), limit, engines, graphs_revision,
                          {name: [registry[name], {p: s.describe() for p, s in sources.items()}]
                           for name, sources in runnable.items()}, skipped)
     if not force and run.is_current("eval", inputs, [EVAL_FILE]):
@@ -250,10 +251,8 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
 
 
 def _onnx_dir(run: RunDir):
-    from harness.export import ensure_onnx
-
     try:
-        return ensure_onnx(run)
+        return export.ensure_onnx(run)
     except HarnessError as exc:
         raise HarnessError(f"{exc} (to evaluate on PyTorch alone, pass --engines pytorch)") from None
 

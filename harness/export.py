@@ -26,6 +26,11 @@ DeepSparse compiles for fixed shapes, so the graphs stay dynamic and a user comp
 (axes of the encoder-decoder graphs: batch_size, encoder_sequence_length, decoder_sequence_length).
 With a dynamic sequence axis DeepSparse compiles nothing (fraction_of_supported_ops 0), and its own
 `input_shapes=` argument overwrites the ONNX file in place.
+
+Llama-family rotary embeddings (transformers 4.40) form position x frequency as a MatMul with an
+inner dimension of 1; DeepSparse 1.8's compiler asserts on it (graph.cpp:925) and aborts the
+process. The export writes the same outer product elementwise (`_elementwise_rotary`), which it
+compiles; the parity check against the unpatched PyTorch model confirms the graph is unchanged in value.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ from harness.recipes import DEFAULT_RECIPE
 from harness.rundir import MANIFEST, RunDir, fingerprint, parse_level, read_json, stage_run, staging_dir, write_json
 
 OPSET = 14
+# Bumped when the exported graphs change for the same checkpoint and opset (2: elementwise rotary).
+GRAPH_REVISION = 2
 ONNX_SUBDIR = "onnx"
 EXPORT_FILE = "export.json"
 GRAPHS = {
@@ -71,7 +78,7 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     run.require("prune")
     spec = load.resolve_spec(str(run.path))
     prune_record = run.stage_record("prune")
-    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), OPSET, ATOL, RTOL)
+    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), OPSET, GRAPH_REVISION, ATOL, RTOL)
     files = [f"{ONNX_SUBDIR}/{name}" for name in graph_files(spec.architecture)]
     if not force and run.is_current("export", inputs, [*files, f"{ONNX_SUBDIR}/{EXPORT_FILE}"]):
         return run.path / ONNX_SUBDIR
@@ -96,7 +103,8 @@ def _export(loaded: load.LoadedModel, output: Path) -> None:
     spec = loaded.spec
     try:
         # `task` without "-with-past": no KV cache inputs/outputs.
-        onnx_export_from_model(loaded.model, output, task=spec.task, opset=OPSET, do_validation=False)
+        with _elementwise_rotary():
+            onnx_export_from_model(loaded.model, output, task=spec.task, opset=OPSET, do_validation=False)
     except Exception as exc:
         op = UNSUPPORTED_OP.search(str(exc))
         what = f"operator {op.group(1)}" if op else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -106,6 +114,27 @@ def _export(loaded: load.LoadedModel, output: Path) -> None:
     if missing:
         raise HarnessError(f"ONNX export of '{spec.name}' ({loaded.model.config.model_type}) did not write "
                            f"{', '.join(missing)}")
+
+
+@contextlib.contextmanager
+def _elementwise_rotary() -> Iterator[None]:
+    """Llama's rotary cos/sin with the position x frequency outer product as a broadcast multiply."""
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    rotary = modeling_llama.LlamaRotaryEmbedding  # its scaling variants call this forward too
+    original = rotary.forward
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype=x.dtype), angles.sin().to(dtype=x.dtype)
+
+    rotary.forward = forward
+    try:
+        yield
+    finally:
+        rotary.forward = original
 
 
 def _graph_summary(path: Path) -> dict:

@@ -41,6 +41,7 @@ def onnx_zero_counts(onnx_dir) -> list[int]:
 
 EXPECTED_GRAPHS = {
     "tiny-gpt2": {"model.onnx": (["input_ids", "attention_mask", "position_ids"], ["logits"])},
+    "tiny-llama": {"model.onnx": (["input_ids", "attention_mask", "position_ids"], ["logits"])},
     "tiny-deberta": {"model.onnx": (["input_ids", "attention_mask"], ["logits"])},
     "tiny-m2m100": {"encoder_model.onnx": (["input_ids", "attention_mask"], ["last_hidden_state"]),
                     "decoder_model.onnx": (["encoder_attention_mask", "input_ids", "encoder_hidden_states"], ["logits"])},
@@ -128,6 +129,17 @@ def test_static_graph_fixes_axes_and_leaves_the_export_alone(exported):
         shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(fixed)).graph.input]
         assert all(shape[0] == 2 and all(shape) for shape in shapes)
     assert not fixed.exists() and graph.read_bytes() == original
+
+
+def test_deepsparse_compiles_every_export(exported):
+    """Llama's rotary embedding made DeepSparse's compiler abort until the export wrote it elementwise."""
+    from harness.evaluators.onnx_engine import compile_failure
+
+    run, onnx_dir = exported
+    dims = {"batch_size": 1, "sequence_length": 16, "encoder_sequence_length": 16, "decoder_sequence_length": 1}
+    for name in EXPECTED_GRAPHS[run.model]:
+        with export.static_graph(onnx_dir / name, dims) as fixed:
+            assert compile_failure(fixed, 1) is None, (run.model, name)
 
 
 def test_missing_run_says_to_prune_first(capsys):

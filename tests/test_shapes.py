@@ -15,8 +15,10 @@ SHAPES = {
     "deberta-shape": {"file": "deberta-v2-xxlarge.json", "num_hidden_layers": 1},
     "m2m100-shape": {"file": "m2m100_1.2B.json", "encoder_layers": 1, "decoder_layers": 1},
 }
-RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
-FAST_BENCH = ["--batch-sizes", "1", "--seq-len", "32", "--iterations", "2", "--min-time", "0", "--warmup", "1"]
+RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]  # benched, pruned and analysed only
+# The Makefile's SHAPE_BENCH (one model copy, fast gzip), with a shorter sequence and one batch size.
+FAST_BENCH = ["--dense-timings", "level0", "--gzip-level", "1", "--iterations", "1", "--min-time", "0",
+              "--batch-sizes", "1", "--seq-len", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +34,35 @@ def one_block_shapes(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HARNESS_EXTRA_MODELS", str(extra))
         patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("shape-runs")))
-        summary = sweep.sweep(list(entries), RECIPES, [0, 90], ["prune", "analyze", "bench", "eval"],
-                              stage_args={"bench": FAST_BENCH})
-        yield summary
+        # as `make bench-shapes` runs them
+        benched = sweep.sweep(list(entries), RECIPES[:1], [0, 90], ["prune", "analyze", "bench", "eval"],
+                              stage_args={"bench": FAST_BENCH}, discard_artifacts=True)
+        pruned = sweep.sweep(list(entries), RECIPES[1:], [0, 90], ["prune", "analyze"], discard_artifacts=True)
+        yield {model: {**benched[model], **pruned[model]} for model in entries}
 
 
 def test_every_shape_goes_through_prune_analyze_and_bench(one_block_shapes):
     for model, runs in one_block_shapes.items():
         for key, stages in runs.items():
-            assert {s: stages[s]["status"] for s in ("prune", "analyze", "bench")} == dict.fromkeys(
-                ("prune", "analyze", "bench"), "done"), (model, key, stages)
-            assert stages["eval"]["status"] == "skipped" and "shape-only" in stages["eval"]["reason"]
+            expected = ("prune", "analyze", "bench") if key.startswith(RECIPES[0]) else ("prune", "analyze")
+            assert {s: stages[s]["status"] for s in expected} == dict.fromkeys(expected, "done"), (model, key, stages)
+            if "eval" in stages:
+                assert stages["eval"]["status"] == "skipped" and "shape-only" in stages["eval"]["reason"]
 
 
-def test_shape_runs_are_labelled_and_measured(one_block_shapes):
+def test_shape_runs_are_labelled_measured_and_their_weights_discarded(one_block_shapes):
     for model in one_block_shapes:
         for recipe in RECIPES:
             run = RunDir(model, recipe, 90)
             assert run.manifest()["shape_only"] is True
             assert abs(read_json(run.path / "sparsity.json")["achieved_percent"] - 90) <= 1
-            bench = read_json(run.path / "bench.json")
-            assert bench["results"]["onnxruntime"]["b1_s32"]["median_ms"] > 0
-            assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
             assert run.manifest()["stages"]["prune"]["peak_rss_mb"] > 0
+            assert not list(run.model_dir.glob("*.safetensors")) and run.manifest()["discarded"]["bytes"] > 0
+        bench = read_json(RunDir(model, RECIPES[0], 90).path / "bench.json")
+        dense = read_json(RunDir(model, RECIPES[0], 0).path / "bench.json")
+        assert bench["results"]["onnxruntime"]["b1_s32"]["median_ms"] > 0
+        assert bench["dense_results"] == dense["results"]
+        assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
 
 
 def test_eval_refuses_a_shape_only_model(one_block_shapes):
@@ -64,3 +72,14 @@ def test_eval_refuses_a_shape_only_model(one_block_shapes):
         ["eval", "--model", "gpt2xl-shape-1block", "--level", "90", "--recipe", RECIPES[0]])
     with pytest.raises(HarnessError, match="shape"):
         args.run(args)
+
+
+def test_the_shapes_report_compares_the_three_models(one_block_shapes, tmp_path, monkeypatch):
+    from harness import report
+
+    monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path))
+    written = report.report(list(one_block_shapes))
+    assert [p.name for p in written] == [*(f"{m}.md" for m in one_block_shapes), "shapes.md"]
+    shapes = written[-1].read_text()
+    speed_rows = shapes.split("## Speedup and efficiency vs the FLOP-ideal")[1].split("## ")[0]
+    assert all(f"| {model} |" in speed_rows for model in one_block_shapes)
