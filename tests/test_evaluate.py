@@ -227,6 +227,13 @@ def test_each_evaluator_writes_a_well_formed_eval_json(model, names, limit, monk
         assert results["embedding_fidelity"]["deepsparse"]["mean_cosine_vs_pytorch"] > 0.999
 
 
+def test_engine_lengths_are_power_of_two_buckets_up_to_the_context():
+    from harness.evaluators.deepsparse_lm import buckets
+
+    assert buckets(1024) == [64, 128, 256, 512, 1024]
+    assert buckets(100) == [64, 100] and buckets(64) == [64] and buckets(16) == [16]
+
+
 def test_limit_per_benchmark():
     assert evaluate.parse_limit("5") == 5 and evaluate.parse_limit("") is None
     limit = evaluate.parse_limit("wikitext2=4, lambada_openai=500 20")

@@ -2,7 +2,9 @@
 
 The graph is the plain causal-LM export (no KV cache): inputs `input_ids`, `attention_mask` and, when
 present, `position_ids`; output `logits`. Every forward pass is right-padded to the engine's fixed
-sequence length, so the causal mask keeps the padding from touching the scored positions.
+sequence length, so the causal mask keeps the padding from touching the scored positions. The
+lengths are buckets (powers of two from MIN_BUCKET up to max_length): a short LAMBADA passage runs
+at 128 positions, not the full context, at the cost of one engine compile per bucket used.
 Tokenization, truncation and rolling windows follow lm-eval's HFLM, so the PyTorch and engine
 numbers differ only by the engine.
 
@@ -19,6 +21,17 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from harness.evaluators.onnx_engine import FixedShapeModel, pad_right
+
+
+MIN_BUCKET = 64
+
+
+def buckets(max_length: int) -> list[int]:
+    """The padded lengths engines are compiled for: powers of two from MIN_BUCKET, then max_length."""
+    lengths = [MIN_BUCKET]
+    while lengths[-1] * 2 < max_length:
+        lengths.append(lengths[-1] * 2)
+    return sorted({length for length in lengths if length < max_length} | {max_length})
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -46,7 +59,8 @@ class OnnxDecoderLM(TemplateLM):
         self.tokenizer = tokenizer
         if max_length is None:
             raise ValueError("harness-onnx needs max_length: the engine is compiled for that many positions")
-        self.max_length = int(max_length)  # every forward pass is padded to this
+        self.max_length = int(max_length)
+        self.buckets = buckets(self.max_length)  # every forward pass is padded to one of these
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_token_id
 
     @property
@@ -67,7 +81,8 @@ class OnnxDecoderLM(TemplateLM):
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] of one forward pass."""
-        ids, mask = pad_right([tokens], self.max_length, self.pad_id)
+        length = next(b for b in self.buckets if b >= len(tokens))
+        ids, mask = pad_right([tokens], length, self.pad_id)
         out = self.graph.run({"input_ids": ids, "attention_mask": mask})
         return out[0, :len(tokens)]
 
