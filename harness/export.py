@@ -48,7 +48,8 @@ from harness import load
 from harness.errors import HarnessError
 from harness.prune import SPARSITY_FILE
 from harness.recipes import DEFAULT_RECIPE
-from harness.rundir import MANIFEST, RunDir, fingerprint, parse_level, read_json, stage_run, staging_dir, write_json
+from harness.rundir import (MANIFEST, WEIGHT_SUFFIXES, RunDir, fingerprint, parse_level, read_json, require_free_space,
+                            stage_run, staging_dir, write_json)
 
 OPSET = 14
 # Bumped when the exported graphs change for the same checkpoint and opset (2: elementwise rotary).
@@ -61,6 +62,7 @@ GRAPHS = {
     "encoder-decoder": ("encoder_model.onnx", "decoder_model.onnx"),
 }
 ATOL, RTOL = 1e-4, 1e-4
+EXPORT_SIZE_FACTOR = 1.3  # ONNX + external data vs the checkpoint (a tied embedding is stored twice), with margin
 SAMPLE_TEXTS = (
     "Sparse networks keep only the weights that matter, and a CPU can skip the rest.",
     "Short one.",
@@ -83,6 +85,8 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     if not force and run.is_current("export", inputs, [*files, f"{ONNX_SUBDIR}/{EXPORT_FILE}"]):
         return run.path / ONNX_SUBDIR
 
+    weights = sum(f.stat().st_size for f in run.model_dir.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    require_free_space(run.path, int(weights * EXPORT_SIZE_FACTOR), f"the ONNX export of {run.path}")
     loaded = load.load_model(spec)
     with stage_run(run.manifest_path, "export", inputs) as record:
         with staging_dir(run.path / ONNX_SUBDIR) as tmp:

@@ -242,6 +242,16 @@ def stage_run(manifest_path: Path, stage: str, inputs_fingerprint: str, details:
     })
 
 
+def require_free_space(directory: Path, needed_bytes: int, what: str) -> None:
+    """Fail with one clear line, before any writing, when `directory`'s disk cannot hold `needed_bytes`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise HarnessError(f"not enough disk space for {what}: needs about {needed_bytes / 1e9:.1f} GB, "
+                           f"{free / 1e9:.1f} GB free under {directory}; free some space (e.g. `make clean`, "
+                           f"or sweep --discard-artifacts) or point HARNESS_RUNS at a larger disk")
+
+
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
     """A temporary directory beside `final` that replaces it only if the body completes.

@@ -142,6 +142,18 @@ def test_deepsparse_compiles_every_export(exported):
             assert compile_failure(fixed, 1) is None, (run.model, name)
 
 
+def test_too_little_disk_is_one_line_before_any_writing(monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    run = write_run("tiny-gpt2", 50)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert cli.main(["export", "--model", "tiny-gpt2", "--level", "50", "--recipe", RECIPE, "--force"]) == 2
+    assert "not enough disk space for the ONNX export" in capsys.readouterr().err
+    assert not (run.path / export.ONNX_SUBDIR).exists()
+
+
 def test_missing_run_says_to_prune_first(capsys):
     code = cli.main(["export", "--model", "tiny-gpt2", "--level", "42", "--recipe", RECIPE])
     lines = capsys.readouterr().err.strip().splitlines()
