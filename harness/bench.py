@@ -21,7 +21,8 @@ dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
     model, recipe, level, architecture, achieved_percent, run, dense_run (paths)
     settings       {batch_sizes, seq_len, threads, iterations, min_time_s, max_iterations, warmup, engines,
                     dense_timings: "alongside" | "level0", gzip_level}
-    cpu            {model, physical_cores, logical_cores, load_average_1min (after timing), avx}
+    cpu            {model, physical_cores, logical_cores, load_average_1min (after timing), avx,
+                    other_processes_cores (average cores other processes used while timing)}
     engines        {engine: {status: "ok" | "unavailable", threads, reason?}}
     results        {engine: {scenario: timing}}        scenario = "b<batch>_s<seq>", e.g. "b1_s128"
     dense_results  the same for the dense run, timed alongside or read from level 0 (level 0: the same
@@ -65,6 +66,7 @@ DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_SEQ_LEN = 128
 INPUT_SEED = 0
 DENSE_TIMINGS = ("alongside", "level0")
+BUSY_CORES = 0.25  # other processes' average CPU use while timing above which the times are flagged
 ROUNDS = 2  # alternating timing blocks per variant when dense and sparse are timed together
 # One graph per part; encoder-decoders run encoder then decoder (in export.graph_files order).
 PARTS = {"model.onnx": "model", "encoder_model.onnx": "encoder", "decoder_model.onnx": "decoder"}
@@ -485,15 +487,17 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
             targets = set(read_json(run.path / prune.SPARSITY_FILE)["prunable_tensors"])
             per_sequence = flop_ideal_for(sparse.loaded.model, sparse.spec.architecture, settings["seq_len"], targets)
             ideal = {scenario_name(b, settings["seq_len"]): per_sequence for b in settings["batch_sizes"]}
-            bench_warnings += busy_cpu_warning(settings["threads"])
+            started = cpu_seconds()
             engines, results = bench_engines(variants, settings, bench_warnings)
+            others = other_load(started)
+            bench_warnings += busy_cpu_warning(others, settings["threads"])
         dense_results = dense_document["results"] if dense_document else results.get("dense", results["sparse"])
         result = {
             "model": run.model, "recipe": run.recipe, "level": run.level,
             "architecture": sparse.spec.architecture,
             "achieved_percent": read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"],
             "run": str(run.path), "dense_run": str(dense_run.path),
-            "settings": settings, "cpu": cpu_info(), "engines": engines,
+            "settings": settings, "cpu": {**cpu_info(), "other_processes_cores": round(others, 2)}, "engines": engines,
             "results": results["sparse"], "dense_results": dense_results,
             "speedups": speedups(results["sparse"], dense_results, ideal),
             "flop_ideal": ideal,
@@ -521,15 +525,27 @@ def dense_bench(dense_run: RunDir, settings: dict) -> dict:
     return document
 
 
-def busy_cpu_warning(threads: int) -> list[str]:
-    """A warning when other processes keep the cores busy: spin-waiting thread pools (DeepSparse, PyTorch)
-    then lose whole time slices whenever one of their threads is descheduled, and their times mean little."""
-    load_average = os.getloadavg()[0]
-    spare = (psutil.cpu_count() or 1) - threads + 1  # this process itself counts for about 1
-    if load_average <= spare:
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds of every process, CPU seconds of this process and its finished children)."""
+    system, own = psutil.cpu_times(), psutil.Process().cpu_times()
+    busy = sum(getattr(system, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
+    return time.time(), busy, own.user + own.system + own.children_user + own.children_system
+
+
+def other_load(since: tuple[float, float, float]) -> float:
+    """Cores' worth of CPU that other processes used, on average, since a `cpu_seconds()` snapshot."""
+    wall, busy, own = (now - then for now, then in zip(cpu_seconds(), since))
+    return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+
+
+def busy_cpu_warning(others: float, threads: int) -> list[str]:
+    """A warning when other processes kept the cores busy while timing: spin-waiting thread pools (DeepSparse,
+    PyTorch) then lose whole time slices whenever one of their threads is descheduled."""
+    cores = psutil.cpu_count() or 1
+    if others <= BUSY_CORES:
         return []
-    return [f"the CPU was busy (1-minute load {load_average:.1f} on {psutil.cpu_count()} cores) while timing "
-            f"with {threads} threads: DeepSparse and PyTorch times are unreliable; use an idle machine or fewer --threads"]
+    return [f"other processes kept {others:.1f} of {cores} cores busy while timing with {threads} threads: "
+            f"the times are unreliable; use an idle machine or fewer --threads"]
 
 
 def cpu_info() -> dict:
