@@ -62,14 +62,15 @@ report: $(STAMP)  ## reports/MODEL.md with plots (without MODEL=: every model wi
 SHAPE_MODELS  ?= gpt2xl-shape deberta-shape m2m100-shape
 SHAPE_LEVELS  ?= 0 50 90 95 99
 # One model copy in memory (dense timings read from level 0), one timed pass per scenario, fast gzip;
-# each finished run's ~18 GB of weights, ONNX and compressed copy is deleted (results stay).
+# each stage in its own process (memory freed between stages, peak RSS per stage), and each finished
+# run's ~18 GB of weights, ONNX and compressed copy deleted (results stay).
 SHAPE_BENCH   ?= --dense-timings level0 --iterations 1 --min-time 0 --gzip-level 1
 
 bench-shapes: $(STAMP)  ## full-size GPT-2 XL / DeBERTa-v2-xxlarge / M2M100-1.2B shapes, random weights (hours) -> reports/shapes.md
 	$(HARNESS) sweep --model $(SHAPE_MODELS) --recipe sparseml/oneshot-magnitude --levels $(SHAPE_LEVELS) \
-		--stages prune,analyze,bench --stage-args "bench:$(SHAPE_BENCH)" --discard-artifacts $(ARGS)
+		--stages prune,analyze,bench --stage-args "bench:$(SHAPE_BENCH)" --isolate --discard-artifacts $(ARGS)
 	$(HARNESS) sweep --model $(SHAPE_MODELS) --recipe inc/oneshot-magnitude --levels $(SHAPE_LEVELS) \
-		--stages prune,analyze --discard-artifacts $(ARGS)
+		--stages prune,analyze --isolate --discard-artifacts $(ARGS)
 	$(HARNESS) report --model $(SHAPE_MODELS)
 
 test: $(STAMP)  ## the CI suite: unit tests and the end-to-end pipeline on tiny models

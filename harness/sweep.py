@@ -3,6 +3,8 @@
 Each stage is run through its own CLI entry point, in this process; each stage skips itself when its
 outputs exist and its inputs are unchanged, so rerunning a sweep does no work. A failing level is
 recorded with its error in `runs/<model>/sweep.json` and the sweep goes on with the next one.
+With `isolate`, each stage runs in its own Python process instead: its memory is returned when it
+ends and each manifest's peak RSS is that stage's own, for a few seconds' start-up per stage.
 With `discard_artifacts`, a run whose stages all finished loses its checkpoint weights, ONNX export
 and compressed copy (its results stay): full-size models need ~6 GB per copy, so a sweep of many
 levels fits on disk only this way. Level 0 goes last, as the other levels may compare against it.
@@ -10,6 +12,8 @@ levels fits on disk only this way. Level 0 goes last, as the other levels may co
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 import time
 import traceback
 
@@ -50,10 +54,31 @@ def parse_stage_args(values: list[str]) -> dict[str, list[str]]:
     return parsed
 
 
-def run_stage(argv: list[str]) -> None:
-    """Run one stage in-process through the CLI parser (raises what the stage raises)."""
+def run_stage(argv: list[str], isolate: bool = False) -> None:
+    """Run one stage through the CLI parser, in this process or in a child one (raises what the stage raises)."""
+    if isolate:
+        return run_stage_process(argv)
     args = cli.build_parser(argv[0]).parse_args(argv)
     args.run(args)
+
+
+def run_stage_process(argv: list[str]) -> None:
+    """Run one stage as `python -m harness ...`, passing its output through; a failure raises with its last error line."""
+    child = subprocess.Popen([sys.executable, "-m", "harness", *argv], stderr=subprocess.PIPE)
+    tail = b""
+    for chunk in iter(lambda: child.stderr.read1(1 << 16), b""):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-8192:]
+    code = child.wait()
+    if code == 0:
+        return
+    lines = [line.strip() for line in tail.decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    message = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "")
+    if code == 2:
+        raise HarnessError(message.removeprefix("error: "))
+    died = "was killed (out of memory?)" if code == -9 else f"exited with code {code}"
+    raise RuntimeError(f"the {argv[0]} stage process {died}: {message[:300]}")
 
 
 def parse_stages(text: str) -> list[str]:
@@ -66,7 +91,7 @@ def parse_stages(text: str) -> list[str]:
 
 def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
           limit: str | int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None,
-          discard_artifacts: bool = False) -> dict:
+          discard_artifacts: bool = False, isolate: bool = False) -> dict:
     """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
     levels = [parse_level(level) for level in levels]
     specs = [resolve_spec(model) for model in models]
@@ -88,7 +113,8 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
                     elif any(s["status"] == "failed" for s in statuses.values()):
                         statuses[stage] = {"status": "skipped", "reason": "an earlier stage failed"}
                     else:
-                        statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force, stage_args))
+                        statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force, stage_args),
+                                                   isolate)
                     progress.update(1)
                 ledger["runs"][key] = {**ledger["runs"].get(key, {}), **statuses}
                 write_json(ledger_path, ledger)
@@ -109,10 +135,10 @@ def _discard(run: RunDir) -> None:
         tqdm.write(f"sweep: discarded {freed / 1e9:.1f} GB of weights and exports in {run.path}")
 
 
-def _attempt(argv: list[str]) -> dict:
+def _attempt(argv: list[str], isolate: bool) -> dict:
     start = time.time()
     try:
-        run_stage(argv)
+        run_stage(argv, isolate)
     except HarnessError as exc:
         tqdm.write(f"error: {' '.join(argv[:7])}: {exc}")
         return {"status": "failed", "error": str(exc), "seconds": round(time.time() - start, 1)}
@@ -140,6 +166,9 @@ def add_arguments(parser) -> None:
                         + ",".join(STAGE_ORDER))
     parser.add_argument("--limit", default=None, help="examples per benchmark for eval (N, or NAME=N entries)")
     parser.add_argument("--force", action="store_true", help="redo prune (and so every later stage)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each stage in its own process: memory is freed between stages and each peak RSS "
+                             "is the stage's own (a few seconds more per stage; for full-size models)")
     parser.add_argument("--discard-artifacts", action="store_true",
                         help="delete each finished run's weights, ONNX and compressed copy (results stay): "
                              "for full-size models that would not fit on disk")
@@ -150,7 +179,7 @@ def add_arguments(parser) -> None:
 def main(args) -> None:
     parse_limit(args.limit)  # a bad LIMIT fails before any work
     summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
-                    args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts)
+                    args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts, args.isolate)
     failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()
               if any(s.get("status") == "failed" for s in st.values())]
     if failed:

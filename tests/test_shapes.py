@@ -36,8 +36,9 @@ def one_block_shapes(tmp_path_factory):
         patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("shape-runs")))
         # as `make bench-shapes` runs them
         benched = sweep.sweep(list(entries), RECIPES[:1], [0, 90], ["prune", "analyze", "bench", "eval"],
-                              stage_args={"bench": FAST_BENCH}, discard_artifacts=True)
-        pruned = sweep.sweep(list(entries), RECIPES[1:], [0, 90], ["prune", "analyze"], discard_artifacts=True)
+                              stage_args={"bench": FAST_BENCH}, discard_artifacts=True, isolate=True)
+        pruned = sweep.sweep(list(entries), RECIPES[1:], [0, 90], ["prune", "analyze"], discard_artifacts=True,
+                             isolate=True)
         yield {model: {**benched[model], **pruned[model]} for model in entries}
 
 

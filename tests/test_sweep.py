@@ -111,3 +111,14 @@ def test_discarding_artifacts_keeps_results_and_resume(monkeypatch, tmp_path):
     stamps = {(r.level, s): r.stage_record(s)["finished"] for r in (dense, sparse) for s in stages}
     sweep.sweep([MODEL], RECIPES[:1], [0, 50], stages, stage_args=bench_args, discard_artifacts=True)
     assert {(r.level, s): r.stage_record(s)["finished"] for r in (dense, sparse) for s in stages} == stamps
+
+
+def test_isolated_stages_run_in_their_own_processes_and_report_failures(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_RUNS", str(tmp_path))
+    summary = sweep.sweep([MODEL], RECIPES[:1] + ["sparseml/no-such-recipe"], [50], ["prune", "analyze"],
+                          isolate=True)[MODEL]
+    assert {s["status"] for s in summary[f"{RECIPES[0]}/50"].values()} == {"done"}
+    command = RunDir(MODEL, RECIPES[0], 50).stage_record("prune")["command"]
+    assert "harness/__main__.py" in command  # run by `python -m harness`, not in the test process
+    failed = summary["sparseml/no-such-recipe/50"]["prune"]
+    assert failed["status"] == "failed" and "no-such-recipe" in failed["error"] and "\n" not in failed["error"]
