@@ -146,7 +146,7 @@ def test_report_names_missing_stage_outputs_instead_of_failing(scratch):
 def test_failed_level_in_the_sweep_ledger_is_marked_as_a_gap(scratch, monkeypatch):
     (scratch / RECIPES[0] / "50" / "bench.json").unlink()
 
-    def failing_stage(argv):
+    def failing_stage(argv, isolate=False):
         raise HarnessError("DeepSparse cannot compile this graph (planted failure)")
 
     monkeypatch.setattr(sweep, "run_stage", failing_stage)
