@@ -139,18 +139,9 @@ def _ort_step(session, names: list[str], outputs: list[str]) -> Step:
     return lambda values: dict(zip(outputs, session.run(None, export.onnx_feeds(names, values))))
 
 
-# (model, graph file) pairs DeepSparse compiled in a child process: some graphs (e.g. Llama exports) make
-# its compiler abort the whole process instead of raising, so each model's graphs are tried once in a
-# child first (the ops, and so the outcome, are the same at every sparsity level).
-_COMPILES_CLEANLY: set[tuple[str, str]] = set()
-
-
 def deepsparse_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
     """DeepSparse engines compiled for the example's shapes (from static copies of the graphs)."""
-    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-    from deepsparse import Engine
-
-    from harness.evaluators.onnx_engine import compile_failure
+    from harness.evaluators.onnx_engine import deepsparse_engine
 
     batch_size, seq_len = example["input_ids"].shape
     dims = {"batch_size": batch_size, "sequence_length": seq_len, "encoder_sequence_length": seq_len,
@@ -160,12 +151,10 @@ def deepsparse_steps(variant: Variant, threads: int, example: dict) -> dict[str,
         path = variant.onnx_dir / graph
         names, outputs = export.graph_io(path)
         with export.static_graph(path, dims) as fixed:
-            if (variant.spec.name, graph) not in _COMPILES_CLEANLY:
-                failure = compile_failure(fixed, batch_size)
-                if failure:
-                    raise RuntimeError(f"DeepSparse cannot compile {graph} ({failure})")
-                _COMPILES_CLEANLY.add((variant.spec.name, graph))
-            engine = Engine(str(fixed), batch_size=batch_size, num_cores=threads)
+            try:
+                engine = deepsparse_engine(fixed, batch_size, threads, (variant.spec.name, graph))
+            except RuntimeError as failure:
+                raise RuntimeError(f"DeepSparse cannot compile {graph} ({failure})") from None
         steps[PARTS[graph]] = _deepsparse_step(engine, names, outputs)
     return steps
 

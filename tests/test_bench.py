@@ -135,7 +135,7 @@ def test_deepsparse_failure_falls_back_with_a_warning(gpt2_bench, monkeypatch, f
     else:
         from harness.evaluators import onnx_engine
 
-        monkeypatch.setattr(bench, "_COMPILES_CLEANLY", set())
+        monkeypatch.setattr(onnx_engine, "_COMPILES_CLEANLY", set())
         monkeypatch.setattr(onnx_engine, "compile_failure", lambda graph, batch: "exit code -6: Assertion `ok' failed")
         expected = "cannot compile model.onnx"
     settings = {**SETTINGS, "batch_sizes": [1], "engines": ["deepsparse", "onnxruntime"]}

@@ -46,6 +46,24 @@ def compile_failure(static_graph: Path, batch_size: int) -> str | None:
     return f"exit code {child.returncode}: {reason[:160]}"
 
 
+# Graphs (by caller-chosen key) DeepSparse compiled cleanly in a child process: the ops, and so the
+# outcome, are the same at every shape and sparsity level, so each is probed once, not per engine.
+_COMPILES_CLEANLY: set = set()
+
+
+def deepsparse_engine(static_graph: Path, batch_size: int, num_cores: int | None, key) -> object:
+    """A DeepSparse engine for a static graph; the first compile of each `key` is tried in a child process
+    first, and RuntimeError(reason) is raised if DeepSparse cannot compile it."""
+    if key not in _COMPILES_CLEANLY:
+        failure = compile_failure(static_graph, batch_size)
+        if failure:
+            raise RuntimeError(failure)
+        _COMPILES_CLEANLY.add(key)
+    from deepsparse import Engine
+
+    return Engine(str(static_graph), batch_size=batch_size, num_cores=num_cores)
+
+
 class FixedShapeModel:
     """One ONNX graph; `run` feeds it the inputs it declares from a dict of arrays.
 
@@ -83,13 +101,10 @@ class FixedShapeModel:
         if shapes not in self._engines:
             dims = {axis: size for name, array in feeds.items() for axis, size in zip(self.axes[name], array.shape) if axis}
             batch_size = shapes[0][0]
-            with export.static_graph(self.path, dims) as static:
-                failure = compile_failure(static, batch_size)
-                if failure is None:
-                    from deepsparse import Engine
-
-                    self._engines[shapes] = Engine(str(static), batch_size=batch_size, num_cores=self.num_cores)
-            if failure is not None:
+            try:
+                with export.static_graph(self.path, dims) as static:
+                    self._engines[shapes] = deepsparse_engine(static, batch_size, self.num_cores, str(self.path))
+            except RuntimeError as failure:
                 from tqdm import tqdm
 
                 tqdm.write(f"eval: DeepSparse cannot compile {self.path.name} ({failure}); using ONNX Runtime instead")
