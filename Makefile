@@ -63,12 +63,17 @@ SHAPE_MODELS  ?= gpt2xl-shape deberta-shape m2m100-shape
 SHAPE_LEVELS  ?= 0 50 90 95 99
 # One model copy in memory (dense timings read from level 0), one timed pass per scenario, fast gzip;
 # each stage in its own process (memory freed between stages, peak RSS per stage), and each finished
-# run's ~18 GB of weights, ONNX and compressed copy deleted (results stay).
+# run's ~18 GB of weights, ONNX and compressed copy deleted (results stay). Level 0 times every engine;
+# the sparse levels only the engines that can use sparsity (ONNX Runtime and PyTorch run sparse weights
+# at dense speed), compared with level 0's timings.
 SHAPE_BENCH   ?= --dense-timings level0 --iterations 1 --min-time 0 --gzip-level 1
+SHAPE_SPARSE_ENGINES ?= deepsparse
+SHAPE_SWEEP    = $(HARNESS) sweep --model $(SHAPE_MODELS) --stages prune,analyze,bench --isolate --discard-artifacts $(ARGS)
 
 bench-shapes: $(STAMP)  ## full-size GPT-2 XL / DeBERTa-v2-xxlarge / M2M100-1.2B shapes, random weights (hours) -> reports/shapes.md
-	$(HARNESS) sweep --model $(SHAPE_MODELS) --recipe sparseml/oneshot-magnitude --levels $(SHAPE_LEVELS) \
-		--stages prune,analyze,bench --stage-args "bench:$(SHAPE_BENCH)" --isolate --discard-artifacts $(ARGS)
+	$(SHAPE_SWEEP) --recipe sparseml/oneshot-magnitude --levels 0 --stage-args "bench:$(SHAPE_BENCH)"
+	$(SHAPE_SWEEP) --recipe sparseml/oneshot-magnitude --levels $(filter-out 0,$(SHAPE_LEVELS)) \
+		--stage-args "bench:$(SHAPE_BENCH) --engines $(SHAPE_SPARSE_ENGINES)"
 	$(HARNESS) sweep --model $(SHAPE_MODELS) --recipe inc/oneshot-magnitude --levels $(SHAPE_LEVELS) \
 		--stages prune,analyze --isolate --discard-artifacts $(ARGS)
 	$(HARNESS) report --model $(SHAPE_MODELS)

@@ -11,7 +11,8 @@ Speedups compare with the dense baseline, level 0 of the same model and recipe (
 missing), timed in the same process with passes alternating between dense and sparse, so both see
 the same load on a shared CPU. With `--dense-timings level0` the dense figures are instead read from
 level 0's own bench.json (same settings): half the time and one model in memory, for full-size
-models on a quiet machine. The FLOP-ideal speedup counts the multiply-accumulates of one
+models on a quiet machine. Sparse levels may then time fewer engines than level 0 (`--engines
+deepsparse`): the headline still compares with level 0's ONNX Runtime timings. The FLOP-ideal speedup counts the multiply-accumulates of one
 forward pass from the model's own modules: Linear/Conv1D weights scale with their measured density,
 everything else (attention score and context matmuls, the LM head and any unpruned layer) stays
 dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
@@ -501,16 +502,19 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
 
 
 def dense_bench(dense_run: RunDir, settings: dict) -> dict:
-    """Level 0's bench.json, benched first if missing; it must have been timed with the same settings."""
+    """Level 0's bench.json, benched first if missing; it must have been timed with the same settings, on
+    at least the engines this level times (a sparse level may time fewer, e.g. only DeepSparse)."""
     path = dense_run.path / BENCH_FILE
     if not path.exists():
         print(f"bench: no dense timings in {dense_run.path}; benching level 0 first")
         bench(dense_run, settings)
     document = read_json(path)
-    if document["settings"] != settings:
-        differing = sorted(k for k in settings if document["settings"].get(k) != settings[k])
-        raise HarnessError(f"{path} was timed with other settings ({', '.join(differing)}); bench level 0 again "
-                           f"with these settings (--force) or use --dense-timings alongside")
+    differing = sorted(k for k in settings if k != "engines" and document["settings"].get(k) != settings[k])
+    untimed = [e for e in settings["engines"] if e not in document["settings"]["engines"]]
+    if differing or untimed:
+        problem = f"other settings ({', '.join(differing)})" if differing else f"without {', '.join(untimed)}"
+        raise HarnessError(f"{path} was timed {problem}; bench level 0 again with these settings (--force) "
+                           f"or use --dense-timings alongside")
     return document
 
 

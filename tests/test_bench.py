@@ -168,9 +168,15 @@ def test_a_busy_cpu_is_flagged():
 
 def test_level0_dense_timings_are_reused_only_with_the_same_settings(gpt2_bench):
     run, _ = gpt2_bench
-    settings = {**SETTINGS, "batch_sizes": [1], "engines": ["onnxruntime"], "dense_timings": "level0"}
+    settings = {**SETTINGS, "batch_sizes": [1], "engines": ["onnxruntime", "pytorch"], "dense_timings": "level0"}
     result = bench.bench(run, settings, force=True)
     level0 = read_json(result["dense_run"] + "/bench.json")
     assert result["dense_results"] == level0["results"] and level0["settings"] == settings
+    # as `make bench-shapes`: the sparse level times one engine, the headline uses level 0's ONNX Runtime
+    fewer = bench.bench(run, {**settings, "engines": ["pytorch"]}, force=True)
+    assert list(fewer["results"]) == ["pytorch"] and fewer["dense_results"] == level0["results"]
+    assert fewer["speedups"]["b1_s16"]["pytorch"] > 0 and fewer["speedups"]["b1_s16"]["headline"] is None
     with pytest.raises(HarnessError, match=r"other settings \(iterations\)"):
         bench.bench(run, {**settings, "iterations": 2}, force=True)
+    with pytest.raises(HarnessError, match="without deepsparse"):
+        bench.bench(run, {**settings, "engines": ["deepsparse", "pytorch"]}, force=True)

@@ -16,9 +16,11 @@ SHAPES = {
     "m2m100-shape": {"file": "m2m100_1.2B.json", "encoder_layers": 1, "decoder_layers": 1},
 }
 RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]  # benched, pruned and analysed only
-# The Makefile's SHAPE_BENCH (one model copy, fast gzip), with a shorter sequence and one batch size.
+# The Makefile's SHAPE_BENCH (one model copy, fast gzip), with a shorter sequence and one batch size;
+# its sparse levels time only SHAPE_SPARSE_ENGINES.
 FAST_BENCH = ["--dense-timings", "level0", "--gzip-level", "1", "--iterations", "1", "--min-time", "0",
               "--batch-sizes", "1", "--seq-len", "32"]
+SPARSE_ENGINES = ["--engines", "deepsparse"]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,14 @@ def one_block_shapes(tmp_path_factory):
         patch.setenv("HARNESS_EXTRA_MODELS", str(extra))
         patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("shape-runs")))
         # as `make bench-shapes` runs them
-        benched = sweep.sweep(list(entries), RECIPES[:1], [0, 90], ["prune", "analyze", "bench", "eval"],
-                              stage_args={"bench": FAST_BENCH}, discard_artifacts=True, isolate=True)
+        stages = ["prune", "analyze", "bench", "eval"]
+        dense = sweep.sweep(list(entries), RECIPES[:1], [0], stages, stage_args={"bench": FAST_BENCH},
+                            discard_artifacts=True, isolate=True)
+        benched = sweep.sweep(list(entries), RECIPES[:1], [90], stages, stage_args={"bench": FAST_BENCH + SPARSE_ENGINES},
+                              discard_artifacts=True, isolate=True)
         pruned = sweep.sweep(list(entries), RECIPES[1:], [0, 90], ["prune", "analyze"], discard_artifacts=True,
                              isolate=True)
-        yield {model: {**benched[model], **pruned[model]} for model in entries}
+        yield {model: {**dense[model], **benched[model], **pruned[model]} for model in entries}
 
 
 def test_every_shape_goes_through_prune_analyze_and_bench(one_block_shapes):
@@ -61,8 +66,9 @@ def test_shape_runs_are_labelled_measured_and_their_weights_discarded(one_block_
             assert not list(run.model_dir.glob("*.safetensors")) and run.manifest()["discarded"]["bytes"] > 0
         bench = read_json(RunDir(model, RECIPES[0], 90).path / "bench.json")
         dense = read_json(RunDir(model, RECIPES[0], 0).path / "bench.json")
-        assert bench["results"]["onnxruntime"]["b1_s32"]["median_ms"] > 0
-        assert bench["dense_results"] == dense["results"]
+        assert list(bench["results"]) == ["deepsparse"] and bench["results"]["deepsparse"]["b1_s32"]["median_ms"] > 0
+        assert set(dense["results"]) == {"deepsparse", "onnxruntime", "pytorch"}
+        assert bench["dense_results"] == dense["results"] and bench["speedups"]["b1_s32"]["headline"] > 0
         assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
 
 
