@@ -1,3 +1,4 @@
-from harness.cli import main
+from harness.cli import interrupt_on_sigterm, main
 
+interrupt_on_sigterm()
 raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from harness.errors import HarnessError
@@ -55,6 +56,15 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             module.add_arguments(stage_parser)
             stage_parser.set_defaults(run=module.main)
     return parser
+
+
+def interrupt_on_sigterm() -> None:
+    """Let SIGTERM (kill, timeouts, cancelled jobs) clean up like Ctrl-C: staging directories removed."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

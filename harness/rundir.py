@@ -260,12 +260,13 @@ def staging_dir(final: Path) -> Iterator[Path]:
     new one is complete).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_orphaned_staging(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the final directory gets the usual permissions
     try:
         yield tmp
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -273,3 +274,13 @@ def staging_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_orphaned_staging(final: Path) -> None:
+    """Delete the staging directories of `final` whose process is gone (killed before it could clean up:
+    each can hold a model-sized checkpoint or export)."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)-.+")
+    for path in final.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not psutil.pid_exists(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,5 +1,9 @@
 """Registry, loading, run directories, recipes and the CLI's handling of bad input."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +150,43 @@ def test_staging_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path)
         with staging_dir(final) as tmp:
             (tmp / "data").write_bytes(content)
     assert (final / "data").read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_staging_dir_removes_what_killed_processes_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan, live, other = (tmp_path / f".run.tmp-{dead.pid}-x", tmp_path / f".run.tmp-{os.getpid()}-y",
+                           tmp_path / f".other.tmp-{dead.pid}-z")
+    for path in (orphan, live, other):
+        path.mkdir()
+        (path / "weights.safetensors").write_bytes(b"x")
+    with staging_dir(tmp_path / "run") as tmp:
+        (tmp / "data").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "run"])
+
+
+SIGTERMED_CHILD = """
+import sys, time
+from pathlib import Path
+from harness.cli import interrupt_on_sigterm
+from harness.rundir import staging_dir
+interrupt_on_sigterm()
+try:
+    with staging_dir(Path(sys.argv[1]) / "run") as tmp:
+        (tmp / "half.safetensors").write_bytes(b"x")
+        print("ready", flush=True)
+        time.sleep(60)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", SIGTERMED_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1])
+    assert child.stdout.readline().strip() == "ready"
+    child.terminate()
+    assert child.wait(timeout=30) == 130 and list(tmp_path.iterdir()) == []
 
 
 def test_write_atomic_keeps_old_content_when_the_write_fails(tmp_path):
