@@ -66,11 +66,16 @@ def run_stage_process(argv: list[str]) -> None:
     """Run one stage as `python -m harness ...`, passing its output through; a failure raises with its last error line."""
     child = subprocess.Popen([sys.executable, "-m", "harness", *argv], stderr=subprocess.PIPE)
     tail = b""
-    for chunk in iter(lambda: child.stderr.read1(1 << 16), b""):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-8192:]
-    code = child.wait()
+    try:
+        for chunk in iter(lambda: child.stderr.read1(1 << 16), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail = (tail + chunk)[-8192:]
+        code = child.wait()
+    except BaseException:  # an interrupted or killed sweep stops its stage too, which then cleans up
+        child.terminate()
+        child.wait()
+        raise
     if code == 0:
         return
     lines = [line.strip() for line in tail.decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]

@@ -1,4 +1,10 @@
 """Sweep: a grid of runs that resumes, redoes exactly what is missing, and survives a failing level."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
 import pytest
 
 from harness import sweep
@@ -122,3 +128,28 @@ def test_isolated_stages_run_in_their_own_processes_and_report_failures(monkeypa
     assert "harness/__main__.py" in command  # run by `python -m harness`, not in the test process
     failed = summary["sparseml/no-such-recipe/50"]["prune"]
     assert failed["status"] == "failed" and "no-such-recipe" in failed["error"] and "\n" not in failed["error"]
+
+
+INTERRUPTED_SWEEP = """
+import sys
+from harness import sweep
+from harness.cli import interrupt_on_sigterm
+interrupt_on_sigterm()
+sys.executable = sys.argv[1]  # the stage "process": a script that records its PID and sleeps
+sweep.run_stage_process(["bench"])
+"""
+
+
+def test_a_killed_isolated_sweep_stops_its_stage_process(tmp_path):
+    pid_file = tmp_path / "stage.pid"
+    stage = tmp_path / "stage.sh"
+    stage.write_text(f"#!/bin/sh\necho $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}\nexec sleep 60\n")
+    stage.chmod(0o755)
+    parent = subprocess.Popen([sys.executable, "-c", INTERRUPTED_SWEEP, str(stage)], cwd=Path(__file__).parents[1])
+    deadline = time.time() + 30
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    stage_pid = int(pid_file.read_text())
+    parent.terminate()
+    assert parent.wait(timeout=30) != 0
+    assert not psutil.pid_exists(stage_pid) or psutil.Process(stage_pid).status() == psutil.STATUS_ZOMBIE
