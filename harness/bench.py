@@ -44,11 +44,13 @@ dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
 """
 from __future__ import annotations
 
+import gc
 import gzip
 import os
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -108,7 +110,8 @@ def part_inputs(part: str, values: dict, outputs: dict) -> dict:
 @dataclass
 class Variant:
     """One side of the comparison (the sparse run or its dense baseline): its ONNX export and, loaded
-    on first use, its PyTorch model."""
+    on first use, its PyTorch model (released while other engines run, so a full-size model is in
+    memory once: as PyTorch weights or inside one engine)."""
 
     run: RunDir
     onnx_dir: Path
@@ -120,6 +123,18 @@ class Variant:
         if self._loaded is None:
             self._loaded = load.load_model(self.spec)
         return self._loaded
+
+    @property
+    def config(self):
+        """The model's config, without loading its weights."""
+        from transformers import AutoConfig
+
+        return self._loaded.model.config if self._loaded else AutoConfig.from_pretrained(self.run.model_dir)
+
+    def release(self) -> None:
+        """Drop the PyTorch model; the next use loads it again."""
+        self._loaded = None
+        gc.collect()
 
     @classmethod
     def of(cls, run: RunDir) -> "Variant":
@@ -348,7 +363,8 @@ def gzip_size(paths: list[Path], level: int = 6) -> int:
 
 
 def write_bitmask(run: RunDir) -> Path:
-    """The checkpoint in compressed-tensors' sparse-bitmask format (every tensor: values + bitmask + row offsets)."""
+    """The checkpoint in compressed-tensors' sparse-bitmask format (every tensor: values + bitmask + row
+    offsets), in shards of about load.SHARD_BYTES with an index, so memory holds one shard, not the model."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.sparse_bitmask import BitmaskTensor
     from compressed_tensors.config import BitmaskConfig
@@ -358,11 +374,28 @@ def write_bitmask(run: RunDir) -> Path:
 
     target = run.path / COMPRESSED_SUBDIR
     with staging_dir(target) as tmp:
-        compressed, zeros, numel = {}, 0, 0
+        shards, shard, shard_bytes, zeros, numel = [], {}, 0, 0, 0
+
+        def flush() -> None:
+            save_file(shard, tmp / f"shard-{len(shards)}", metadata={"format": "pt"})
+            shards.append(list(shard))
+
         for name, tensor in saved_tensors(run.model_dir):
-            compressed.update(BitmaskTensor.from_dense(tensor).dict(name_prefix=name))
+            parts = BitmaskTensor.from_dense(tensor).dict(name_prefix=name)
+            shard.update(parts)
+            shard_bytes += sum(part.numel() * part.element_size() for part in parts.values())
             zeros, numel = zeros + int((tensor == 0).sum()), numel + tensor.numel()
-        save_file(compressed, tmp / "model.safetensors", metadata={"format": "pt"})
+            if shard_bytes >= load.SHARD_BYTES:
+                flush()
+                shard, shard_bytes = {}, 0
+        if shard or not shards:
+            flush()
+        weight_map = {}
+        for index, names in enumerate(shards):
+            file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(tmp / f"shard-{index}", tmp / file)
+            weight_map.update(dict.fromkeys(names, file))
+        write_json(tmp / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         shutil.copy(run.model_dir / "config.json", tmp / "config.json")
         ModelCompressor(sparsity_config=BitmaskConfig(global_sparsity=zeros / numel)).update_config(str(tmp))
     return target
@@ -381,12 +414,14 @@ def sizes(run: RunDir, onnx_dir: Path, architecture: str, gzip_level: int = 6) -
     def entry(size: int) -> dict:
         return {"bytes": size, "bits_per_weight": round(8 * size / params, 3)}
 
+    with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL: both files compress at once
+        checkpoint_gzip, onnx_gzip = pool.map(lambda files: gzip_size(files, gzip_level), [checkpoint, onnx_files])
     return {
         "params": params,
         "checkpoint": entry(sum(p.stat().st_size for p in checkpoint)),
-        "checkpoint_gzip": entry(gzip_size(checkpoint, gzip_level)),
+        "checkpoint_gzip": entry(checkpoint_gzip),
         "onnx": entry(sum(p.stat().st_size for p in onnx_files)),
-        "onnx_gzip": entry(gzip_size(onnx_files, gzip_level)),
+        "onnx_gzip": entry(onnx_gzip),
         "sparse_bitmask": entry(sum(p.stat().st_size for p in bitmask)),
     }
 
@@ -411,7 +446,7 @@ def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: li
         for batch_size, seq_len in scenarios:
             scenario = scenario_name(batch_size, seq_len)
             progress.set_postfix_str(f"{engine} {scenario}")
-            values = synthetic_inputs(some.loaded.model.config, some.spec.architecture, batch_size, seq_len)
+            values = synthetic_inputs(some.config, some.spec.architecture, batch_size, seq_len)
             try:
                 steps = {name: ENGINE_STEPS[engine](variant, threads, values) for name, variant in variants.items()}
             except Exception as exc:
@@ -429,6 +464,8 @@ def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: li
                 results[name].setdefault(engine, {})[scenario] = summarize(times[name], batch_size, seq_len, threads)
             del steps
             progress.update(1)
+        for variant in variants.values():
+            variant.release()
     progress.close()
     return engines, results
 
@@ -476,6 +513,7 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> dict:
             warnings.simplefilter("ignore")
             targets = set(read_json(run.path / prune.SPARSITY_FILE)["prunable_tensors"])
             per_sequence = flop_ideal_for(sparse.loaded.model, sparse.spec.architecture, settings["seq_len"], targets)
+            sparse.release()
             ideal = {scenario_name(b, settings["seq_len"]): per_sequence for b in settings["batch_sizes"]}
             started = cpu_seconds()
             engines, results = bench_engines(variants, settings, bench_warnings)

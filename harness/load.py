@@ -23,9 +23,9 @@ REGISTRY_FILE = Path(__file__).with_name("models.yaml")
 CONFIGS_DIR = Path(__file__).with_name("configs")
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 BUILD_SEED = 0
-# safetensors copies a whole shard into memory while writing it; 1 GB shards keep saving a 6 GB model
-# close to one model copy (the default 5 GB shards peaked at 1.6 copies).
-SHARD_SIZE = "1GB"
+# safetensors copies a whole shard into memory while writing (and reading) it; 1 GB shards keep a
+# 6 GB model close to one copy in memory, where transformers' default 5 GB shards nearly double it.
+SHARD_BYTES = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -329,7 +329,7 @@ def _build_once(spec: ModelSpec, config_values: dict) -> Path:
     torch.manual_seed(BUILD_SEED)
     model = getattr(transformers, spec.model_class).from_config(config)
     with staging_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_SIZE)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_BYTES)
         tokenizer.save_pretrained(tmp)
     return target
 

@@ -91,7 +91,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
                     if recipe.calibration_samples else [],
                 )
                 backends.get_backend(recipe.backend).prune(job)
-            loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True, max_shard_size=load.SHARD_SIZE)
+            loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True, max_shard_size=load.SHARD_BYTES)
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
             measured = sparsity.measure(tmp / MODEL_SUBDIR, targets, level)
             write_json(tmp / SPARSITY_FILE, measured)

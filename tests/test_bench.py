@@ -7,7 +7,7 @@ import torch
 import transformers
 from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 
-from harness import bench, cli, export, sparsity
+from harness import bench, cli, export, load, sparsity
 from harness.errors import HarnessError
 from harness.rundir import read_json
 from test_export import RECIPE, write_run
@@ -95,6 +95,17 @@ def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
     assert dense_sizes["sparse_bitmask"]["bytes"] > dense_sizes["checkpoint"]["bytes"]  # no zeros: mask is pure overhead
     compressed = run.path / bench.COMPRESSED_SUBDIR
     assert read_json(compressed / "config.json")["compression_config"]["sparsity_config"]["format"] == "sparse-bitmask"
+    original = dict(sparsity.saved_tensors(run.model_dir))
+    restored = dict(BitmaskCompressor(config=None).decompress(str(compressed)))
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[name], original[name]) for name in original)
+
+
+def test_a_sharded_bitmask_round_trips(gpt2_bench, monkeypatch):
+    run, _ = gpt2_bench
+    monkeypatch.setattr(load, "SHARD_BYTES", 20_000)  # a few tensors per shard
+    compressed = bench.write_bitmask(run)
+    assert len(list(compressed.glob("model-*-of-*.safetensors"))) > 3
     original = dict(sparsity.saved_tensors(run.model_dir))
     restored = dict(BitmaskCompressor(config=None).decompress(str(compressed)))
     assert restored.keys() == original.keys()
