@@ -101,6 +101,21 @@ def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
     assert all(torch.equal(restored[name], original[name]) for name in original)
 
 
+def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_bench, monkeypatch):
+    from harness.evaluators import onnx_engine
+
+    # as the kernel's OOM killer does to a compile that needs more memory than the machine has
+    monkeypatch.setattr(onnx_engine, "COMPILE_PROBE", "import os, signal, sys\n"
+                        "if sys.argv[2] == '2': os.kill(os.getpid(), signal.SIGKILL)")
+    monkeypatch.setattr(onnx_engine, "_COMPILES_CLEANLY", set())
+    run, _ = gpt2_bench
+    result = bench.bench(run, {**SETTINGS, "engines": ["deepsparse", "onnxruntime"]}, force=True)
+    assert list(result["results"]["deepsparse"]) == ["b1_s16"] and result["speedups"]["b1_s16"]["headline"] > 0
+    assert result["engines"]["deepsparse"]["status"] == "unavailable"
+    assert "out of memory" in result["engines"]["deepsparse"]["reason"]
+    assert set(result["results"]["onnxruntime"]) == {"b1_s16", "b2_s16"}
+
+
 def test_a_sharded_bitmask_round_trips(gpt2_bench, monkeypatch):
     run, _ = gpt2_bench
     monkeypatch.setattr(load, "SHARD_BYTES", 20_000)  # a few tensors per shard

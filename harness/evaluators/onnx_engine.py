@@ -9,6 +9,7 @@ child process first.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def compile_failure(static_graph: Path, batch_size: int) -> str | None:
     if child.returncode == 0:
         return None
     lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    if child.returncode == -signal.SIGKILL:
+        return "the compile was killed (out of memory?)"
     reason = next((line for line in lines if line.startswith(("Assertion", "RuntimeError", "ValueError"))),
                   lines[-1] if lines else "")
     return f"exit code {child.returncode}: {reason[:160]}"
