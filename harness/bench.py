@@ -455,8 +455,9 @@ def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: li
                 if engine != "deepsparse":
                     raise
                 text = str(exc).strip()
-                reason = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-                warnings_out.append(f"DeepSparse unavailable ({reason}); ONNX Runtime and PyTorch results only")
+                # later scenarios have larger batches: no engine there either
+                reason = f"from {scenario} on: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+                warnings_out.append(f"DeepSparse unavailable {reason}; ONNX Runtime and PyTorch results only there")
                 engines[engine] = {"status": "unavailable", "threads": threads, "reason": reason}
                 progress.update(len(scenarios) - len(results["sparse"].get(engine, {})))
                 break
