@@ -35,6 +35,7 @@ LEGACY_MODIFIER_TAG = re.compile(r"!\w+Modifier\b")
 LEVEL_TOLERANCE = 0.01  # a fraction: the achieved sparsity must be within 1 point of the target
 STEPS_PER_EPOCH = 1  # one fine-tuning step per SparseML epoch: a training recipe's epochs count steps
 LOGGER = logging.getLogger(__name__)
+GROUP_BYTES = 1_000_000_000  # weights per layer-wise one-shot group
 
 
 def _quiet_sparseml():
@@ -93,16 +94,38 @@ def _run_manager(job: PruneJob) -> None:
     from sparseml.pytorch import utils as logger_module
     from sparseml.pytorch.optim import ScheduledModifierManager
 
-    text = job.recipe.render_text(job.sparsity, job.targets)
-    try:
-        manager = ScheduledModifierManager.from_yaml(text)
-    except (ValueError, TypeError, yaml.YAMLError) as exc:
-        raise HarnessError(f"recipe {job.recipe.path}: SparseML cannot load it: {exc}") from None
+    def manager_for(targets: list[str]):
+        try:
+            return ScheduledModifierManager.from_yaml(job.recipe.render_text(job.sparsity, targets))
+        except (ValueError, TypeError, yaml.YAMLError) as exc:
+            raise HarnessError(f"recipe {job.recipe.path}: SparseML cannot load it: {exc}") from None
+
+    manager = manager_for(job.targets)
     steps = _training_steps(manager)
     if steps:
         _fine_tune_with(manager, job, steps, _loggers(logger_module))
-    else:
+    elif any(getattr(mod, "global_sparsity", False) for mod in manager.iter_modifiers()):
         manager.apply(job.model, loggers=_loggers(logger_module))
+    else:
+        # Layer-wise one-shot: each group of targets on its own gives the same masks, and SparseML's
+        # scores and masks (each as large as the weights they cover) then exist for one group at a
+        # time; for the whole of a 1.5B model at once they took more than 24 GiB.
+        for group in _groups(job.model, job.targets, GROUP_BYTES):
+            manager_for(group).apply(job.model, loggers=_loggers(logger_module))
+
+
+def _groups(model, targets: list[str], max_bytes: int) -> list[list[str]]:
+    """`targets` in order, cut into groups of at most `max_bytes` of weights (at least one each)."""
+    params = dict(model.named_parameters())
+    groups, size = [[]], 0
+    for name in targets:
+        tensor_bytes = params[name].numel() * params[name].element_size()
+        if groups[-1] and size + tensor_bytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += tensor_bytes
+    return groups
 
 
 def _run_session(job: PruneJob) -> None:
