@@ -100,7 +100,7 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
     """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
     levels = [parse_level(level) for level in levels]
     specs = [resolve_spec(model) for model in models]
-    summary = {}
+    summary = {spec.name: {} for spec in specs}  # this sweep's grid only (the ledger keeps earlier sweeps' runs)
     grid = [(spec, recipe, level) for spec in specs for recipe in recipes for level in levels]
     progress = tqdm(total=len(grid) * len(stages), unit="stage", desc="sweep")
     for spec in specs:
@@ -121,14 +121,13 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
                         statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force, stage_args),
                                                    isolate)
                     progress.update(1)
-                ledger["runs"][key] = {**ledger["runs"].get(key, {}), **statuses}
+                ledger["runs"][key] = summary[spec.name][key] = {**ledger["runs"].get(key, {}), **statuses}
                 write_json(ledger_path, ledger)
                 if discard_artifacts and all(s["status"] != "failed" for s in statuses.values()):
                     finished = RunDir(spec.name, recipe, level)
                     baselines.append(finished) if level == 0 else _discard(finished)
             for run in baselines:
                 _discard(run)
-        summary[spec.name] = ledger["runs"]
     progress.close()
     _print_summary(summary, stages)
     return summary

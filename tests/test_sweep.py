@@ -78,6 +78,8 @@ def test_a_failing_level_is_recorded_and_the_others_complete(swept, monkeypatch,
     assert summary[f"{RECIPES[0]}/50"]["analyze"]["status"] == "skipped"
     assert all(s["status"] == "done" for s in summary[f"{RECIPES[0]}/0"].values())
     assert not RunDir(MODEL, RECIPES[0], 50).path.exists()  # nothing half-written
+    # a later sweep of other levels reports its own grid, not the failure still in the ledger
+    assert list(sweep.sweep([MODEL], RECIPES[:1], [0], STAGES)[MODEL]) == [f"{RECIPES[0]}/0"]
 
 
 def test_bad_sweep_arguments_are_one_line_errors():
