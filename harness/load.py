@@ -23,8 +23,8 @@ REGISTRY_FILE = Path(__file__).with_name("models.yaml")
 CONFIGS_DIR = Path(__file__).with_name("configs")
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 BUILD_SEED = 0
-# safetensors copies a whole shard into memory while writing (and reading) it; 1 GB shards keep a
-# 6 GB model close to one copy in memory, where transformers' default 5 GB shards nearly double it.
+# safetensors serializes a whole shard in memory before writing it, and transformers loads one shard
+# at a time: 1 GB shards bound that extra memory to 1 GB (transformers' default is 5 GB).
 SHARD_BYTES = 1_000_000_000
 
 
