@@ -29,6 +29,9 @@ from harness.errors import HarnessError
 
 # Before SparseML is imported: otherwise it starts a thread posting usage analytics to Google.
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+# SparseML finds each magnitude threshold with a full torch.sort unless this is set, then with
+# torch.kthvalue: the same value, ~6x faster on CPU (0.28 vs 1.6 s per 10M weights), no sorted copy.
+os.environ.setdefault("MEMORY_BOUNDED", "True")
 
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder")
 LEGACY_MODIFIER_TAG = re.compile(r"!\w+Modifier\b")
