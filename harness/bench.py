@@ -12,10 +12,11 @@ missing), timed in the same process with passes alternating between dense and sp
 the same load on a shared CPU. With `--dense-timings level0` the dense figures are instead read from
 level 0's own bench.json (same settings): half the time and one model in memory, for full-size
 models on a quiet machine. Sparse levels may then time fewer engines than level 0 (`--engines
-deepsparse`): the headline still compares with level 0's ONNX Runtime timings. The FLOP-ideal speedup counts the multiply-accumulates of one
-forward pass from the model's own modules: Linear/Conv1D weights scale with their measured density,
-everything else (attention score and context matmuls, the LM head and any unpruned layer) stays
-dense; `efficiency` = measured / ideal shows where Amdahl's law bites.
+deepsparse`): the headline still compares with level 0's ONNX Runtime timings. The FLOP-ideal
+speedup counts the multiply-accumulates of one forward pass from the model's own modules:
+Linear/Conv1D weights scale with their measured density, everything else (attention score and
+context matmuls, the LM head and any unpruned layer) stays dense; `efficiency` = measured / ideal
+shows where Amdahl's law bites.
 
 `<run>/bench.json`:
 

@@ -3,8 +3,8 @@
 DeepSparse compiles an engine for one batch size and one set of input shapes, so callers pad their
 inputs to fixed shapes (`pad_right`) and mask the padding. When DeepSparse cannot compile a graph,
 ONNX Runtime runs it instead and `runtime` says so. Some graphs (e.g. SmolLM2's Llama export) make
-DeepSparse's compiler abort the whole process rather than raise, so every compile is tried in a
-child process first.
+DeepSparse's compiler abort the whole process rather than raise, so the first compile of each
+caller-chosen key (a graph, or a graph and batch size) is tried in a child process.
 """
 from __future__ import annotations
 
@@ -41,16 +41,16 @@ def compile_failure(static_graph: Path, batch_size: int) -> str | None:
                            capture_output=True, text=True)
     if child.returncode == 0:
         return None
-    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
     if child.returncode == -signal.SIGKILL:
         return "the compile was killed (out of memory?)"
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
     reason = next((line for line in lines if line.startswith(("Assertion", "RuntimeError", "ValueError"))),
                   lines[-1] if lines else "")
     return f"exit code {child.returncode}: {reason[:160]}"
 
 
-# Graphs (by caller-chosen key) DeepSparse compiled cleanly in a child process: the ops, and so the
-# outcome, are the same at every shape and sparsity level, so each is probed once, not per engine.
+# Keys whose compile succeeded in a child process. The caller picks what a key covers: an abort
+# depends only on the ops (the same at every sparsity level), running out of memory also on the batch.
 _COMPILES_CLEANLY: set = set()
 
 
