@@ -2,7 +2,8 @@
 
 All three engines see the same inputs (random token ids, seed 0, full attention mask); DeepSparse and
 ONNX Runtime run the same ONNX file (`export.ensure_onnx`), PyTorch runs the checkpoint eagerly. Each
-scenario is a (batch, sequence length) pair; DeepSparse compiles one engine per scenario. Each
+scenario is a (batch, sequence length) pair; DeepSparse compiles one engine per scenario, in a child
+process that also times it (a compile that aborts or runs out of memory ends only the child). Each
 scenario warms up, then repeats until it has at least `--iterations` runs and `--min-time` seconds
 per variant (at most `--max-iterations`). Encoder-decoders time the encoder pass and one decoder pass
 (one decoder token, no KV cache) separately and as one combined step.
@@ -156,24 +157,59 @@ def _ort_step(session, names: list[str], outputs: list[str]) -> Step:
     return lambda values: dict(zip(outputs, session.run(None, export.onnx_feeds(names, values))))
 
 
-def deepsparse_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
+def deepsparse_times(variants: dict[str, Variant], threads: int, values: dict, settings: dict) -> dict:
+    """DeepSparse timings of one scenario (as `time_interleaved`), compiled and timed in a child process.
+
+    A compile may abort the whole process (SmolLM2's Llama export) or need more memory than the machine
+    has (DeBERTa-v2-xxlarge at batch 16): either ends only the child, and RuntimeError says why. Each
+    graph compiles once, and the child's memory is all returned when the scenario ends.
+    """
+    import importlib.util
+    import tempfile
+
+    from harness.evaluators.onnx_engine import child_failure
+
+    if importlib.util.find_spec("deepsparse") is None:
+        raise ModuleNotFoundError("No module named 'deepsparse'")
+    with tempfile.TemporaryDirectory(prefix="harness-deepsparse-") as folder:
+        np.savez(Path(folder) / "inputs.npz", **values)
+        write_json(Path(folder) / "request.json", {
+            "variants": {name: [str(v.onnx_dir), v.spec.architecture] for name, v in variants.items()},
+            "threads": threads, "settings": settings})
+        failure = child_failure(DEEPSPARSE_CHILD, folder, str(Path(__file__).resolve().parents[1]))
+        if failure:
+            raise RuntimeError(f"DeepSparse failed: {failure}")
+        return read_json(Path(folder) / "times.json")
+
+
+DEEPSPARSE_CHILD = ("import sys; sys.path.insert(0, sys.argv[2]); "
+                    "from harness.bench import time_deepsparse_request; time_deepsparse_request(sys.argv[1])")
+
+
+def time_deepsparse_request(folder: str) -> None:
+    """The child's side of `deepsparse_times`: compile the request's graphs, time them, write times.json."""
+    request = read_json(Path(folder) / "request.json")
+    with np.load(Path(folder) / "inputs.npz") as stored:
+        values = dict(stored)
+    steps = {name: deepsparse_steps(Path(onnx_dir), architecture, request["threads"], values, name)
+             for name, (onnx_dir, architecture) in request["variants"].items()}
+    print("timing", flush=True)
+    write_json(Path(folder) / "times.json", time_interleaved(steps, values, request["settings"]))
+
+
+def deepsparse_steps(onnx_dir: Path, architecture: str, threads: int, example: dict, label: str) -> dict[str, Step]:
     """DeepSparse engines compiled for the example's shapes (from static copies of the graphs)."""
-    from harness.evaluators.onnx_engine import deepsparse_engine
+    from deepsparse import Engine
 
     batch_size, seq_len = example["input_ids"].shape
     dims = {"batch_size": batch_size, "sequence_length": seq_len, "encoder_sequence_length": seq_len,
             "decoder_sequence_length": example.get("decoder_input_ids", example["input_ids"]).shape[1]}
     steps = {}
-    for graph in export.graph_files(variant.spec.architecture):
-        path = variant.onnx_dir / graph
-        names, outputs = export.graph_io(path)
-        with export.static_graph(path, dims) as fixed:
-            try:
-                # probed per batch size: a compile's memory grows with it (DeBERTa-v2-xxlarge at batch 16
-                # needs more than 24 GiB), and a failed probe kills only the child, not the bench
-                engine = deepsparse_engine(fixed, batch_size, threads, (variant.spec.name, graph, batch_size))
-            except RuntimeError as failure:
-                raise RuntimeError(f"DeepSparse cannot compile {graph} ({failure})") from None
+    for graph in export.graph_files(architecture):
+        names, outputs = export.graph_io(onnx_dir / graph)
+        print(f"compiling {graph} ({label})", flush=True)  # what the parent names if this child dies
+        with export.static_graph(onnx_dir / graph, dims) as fixed:
+            engine = Engine(str(fixed), batch_size=batch_size, num_cores=threads)
         steps[PARTS[graph]] = _deepsparse_step(engine, names, outputs)
     return steps
 
@@ -208,22 +244,32 @@ def pytorch_steps(variant: Variant, threads: int, example: dict) -> dict[str, St
     return {"encoder": encoder, "decoder": decoder} if variant.spec.architecture == "encoder-decoder" else {"model": run_model}
 
 
-ENGINE_STEPS = {"deepsparse": deepsparse_steps, "onnxruntime": ort_steps, "pytorch": pytorch_steps}
-ENGINES = tuple(ENGINE_STEPS)
+def in_process(make_steps: Callable[[Variant, int, dict], dict[str, Step]]):
+    """A timer that builds each variant's steps in this process and times them as `time_interleaved`."""
+    def timer(variants: dict[str, Variant], threads: int, values: dict, settings: dict) -> dict:
+        return time_interleaved({name: make_steps(v, threads, values) for name, v in variants.items()}, values, settings)
+
+    return timer
+
+
+# engine -> timer(variants, threads, values, settings) -> {variant: {part: [ms]}}
+ENGINE_TIMERS = {"deepsparse": deepsparse_times, "onnxruntime": in_process(ort_steps), "pytorch": in_process(pytorch_steps)}
+ENGINES = tuple(ENGINE_TIMERS)
 
 
 # --- timing ---------------------------------------------------------------------------------------
 
-def time_interleaved(steps: dict[str, dict[str, Step]], values: dict, warmup: int, iterations: int,
-                     min_time: float, max_iterations: int) -> dict[str, dict[str, list[float]]]:
+def time_interleaved(steps: dict[str, dict[str, Step]], values: dict, settings: dict) -> dict[str, dict[str, list[float]]]:
     """Wall times (ms) per variant, per part and in total, in blocks that alternate between the variants.
 
     Alternating exposes dense and sparse to the same machine load, so their ratio holds up on a shared
     CPU. Blocks rather than single passes, each after `warmup` untimed passes: an engine's idle worker
     threads keep spinning for a while and would slow the other variant's next pass. Each variant gets
     ROUNDS blocks (one if there is a single variant), in total at least `iterations` timed passes and
-    `min_time` seconds, at most `max_iterations` passes.
+    `min_time_s` seconds, at most `max_iterations` passes (from the bench settings).
     """
+    warmup, iterations, min_time, max_iterations = (settings[key] for key in ("warmup", "iterations", "min_time_s",
+                                                                              "max_iterations"))
     times = {variant: {part: [] for part in [*parts, "total"]} for variant, parts in steps.items()}
     rounds = ROUNDS if len(steps) > 1 else 1
 
@@ -451,7 +497,7 @@ def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: li
             progress.set_postfix_str(f"{engine} {scenario}")
             values = synthetic_inputs(some.config, some.spec.architecture, batch_size, seq_len)
             try:
-                steps = {name: ENGINE_STEPS[engine](variant, threads, values) for name, variant in variants.items()}
+                times = ENGINE_TIMERS[engine](variants, threads, values, settings)
             except Exception as exc:
                 if engine != "deepsparse":
                     raise
@@ -462,11 +508,8 @@ def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: li
                 engines[engine] = {"status": "unavailable", "threads": threads, "reason": reason}
                 progress.update(len(scenarios) - len(results["sparse"].get(engine, {})))
                 break
-            times = time_interleaved(steps, values, settings["warmup"], settings["iterations"],
-                                     settings["min_time_s"], settings["max_iterations"])
             for name in variants:
                 results[name].setdefault(engine, {})[scenario] = summarize(times[name], batch_size, seq_len, threads)
-            del steps
             progress.update(1)
         for variant in variants.values():
             variant.release()

@@ -101,19 +101,23 @@ def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
     assert all(torch.equal(restored[name], original[name]) for name in original)
 
 
-def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_bench, monkeypatch):
-    from harness.evaluators import onnx_engine
+def engine_in_child(monkeypatch, replacement: str) -> None:
+    """Make the bench's DeepSparse child compile with `replacement` (Python source; os, signal and the real
+    Engine in scope) instead of deepsparse.Engine."""
+    monkeypatch.setattr(bench, "DEEPSPARSE_CHILD", "import os, signal, deepsparse\nEngine = deepsparse.Engine\n"
+                        f"deepsparse.Engine = {replacement}\n" + bench.DEEPSPARSE_CHILD)
 
+
+def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_bench, monkeypatch):
     # as the kernel's OOM killer does to a compile that needs more memory than the machine has
-    monkeypatch.setattr(onnx_engine, "COMPILE_PROBE", "import os, signal, sys\n"
-                        "if sys.argv[2] == '2': os.kill(os.getpid(), signal.SIGKILL)")
-    monkeypatch.setattr(onnx_engine, "_COMPILES_CLEANLY", set())
+    engine_in_child(monkeypatch, "lambda path, batch_size, num_cores: os.kill(os.getpid(), signal.SIGKILL) "
+                                 "if batch_size == 2 else Engine(path, batch_size=batch_size, num_cores=num_cores)")
     run, _ = gpt2_bench
     result = bench.bench(run, {**SETTINGS, "engines": ["deepsparse", "onnxruntime"]}, force=True)
     assert list(result["results"]["deepsparse"]) == ["b1_s16"] and result["speedups"]["b1_s16"]["headline"] > 0
     assert result["engines"]["deepsparse"]["status"] == "unavailable"
     reason = result["engines"]["deepsparse"]["reason"]
-    assert reason.startswith("from b2_s16 on: ") and "out of memory" in reason
+    assert reason.startswith("from b2_s16 on: ") and "killed while compiling model.onnx (sparse) (out of memory?)" in reason
     assert set(result["results"]["onnxruntime"]) == {"b1_s16", "b2_s16"}
 
 
@@ -160,11 +164,8 @@ def test_deepsparse_failure_falls_back_with_a_warning(gpt2_bench, monkeypatch, f
         monkeypatch.setitem(sys.modules, "deepsparse", None)
         expected = "ModuleNotFoundError"
     else:
-        from harness.evaluators import onnx_engine
-
-        monkeypatch.setattr(onnx_engine, "_COMPILES_CLEANLY", set())
-        monkeypatch.setattr(onnx_engine, "compile_failure", lambda graph, batch: "exit code -6: Assertion `ok' failed")
-        expected = "cannot compile model.onnx"
+        engine_in_child(monkeypatch, "lambda *args, **kwargs: os.abort()")
+        expected = "exit code -6 while compiling model.onnx (sparse)"
     settings = {**SETTINGS, "batch_sizes": [1], "engines": ["deepsparse", "onnxruntime"]}
     result = bench.bench(run, settings, force=True)
     assert result["engines"]["deepsparse"]["status"] == "unavailable"

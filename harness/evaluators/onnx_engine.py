@@ -4,7 +4,7 @@ DeepSparse compiles an engine for one batch size and one set of input shapes, so
 inputs to fixed shapes (`pad_right`) and mask the padding. When DeepSparse cannot compile a graph,
 ONNX Runtime runs it instead and `runtime` says so. Some graphs (e.g. SmolLM2's Llama export) make
 DeepSparse's compiler abort the whole process rather than raise, so the first compile of each
-caller-chosen key (a graph, or a graph and batch size) is tried in a child process.
+graph is tried in a child process (`child_failure`, which the bench also times DeepSparse in).
 """
 from __future__ import annotations
 
@@ -35,33 +35,40 @@ def pad_right(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarr
     return ids, mask
 
 
-def compile_failure(static_graph: Path, batch_size: int) -> str | None:
-    """Why DeepSparse cannot compile a static graph (tried in a child process), or None if it can."""
-    child = subprocess.run([sys.executable, "-c", COMPILE_PROBE, str(static_graph), str(batch_size)],
-                           capture_output=True, text=True)
+def child_failure(code: str, *args: str) -> str | None:
+    """Run Python `code` in a child process (`args` as sys.argv[1:]): why it failed, or None if it exited
+    cleanly. The reason names what the child last printed to stdout ("while ...")."""
+    child = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if child.returncode == 0:
         return None
+    doing = child.stdout.strip().splitlines()[-1:]
+    where = f" while {doing[0]}" if doing else ""
     if child.returncode == -signal.SIGKILL:
-        return "the compile was killed (out of memory?)"
+        return f"killed{where} (out of memory?)"
     lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
     reason = next((line for line in lines if line.startswith(("Assertion", "RuntimeError", "ValueError"))),
                   lines[-1] if lines else "")
-    return f"exit code {child.returncode}: {reason[:160]}"
+    return f"exit code {child.returncode}{where}: {reason[:160]}"
 
 
-# Keys whose compile succeeded in a child process. The caller picks what a key covers: an abort
-# depends only on the ops (the same at every sparsity level), running out of memory also on the batch.
-_COMPILES_CLEANLY: set = set()
+def compile_failure(static_graph: Path, batch_size: int) -> str | None:
+    """Why DeepSparse cannot compile a static graph (tried in a child process), or None if it can."""
+    return child_failure(COMPILE_PROBE, str(static_graph), str(batch_size))
 
 
-def deepsparse_engine(static_graph: Path, batch_size: int, num_cores: int | None, key) -> object:
-    """A DeepSparse engine for a static graph; the first compile of each `key` is tried in a child process
-    first, and RuntimeError(reason) is raised if DeepSparse cannot compile it."""
-    if key not in _COMPILES_CLEANLY:
+# Source graphs whose compile succeeded in a child process (an abort depends only on the graph's ops,
+# the same at every sparsity level and batch size).
+_COMPILES_CLEANLY: set[str] = set()
+
+
+def deepsparse_engine(static_graph: Path, batch_size: int, num_cores: int | None, source: str) -> object:
+    """A DeepSparse engine for a static copy of the graph `source`; the first compile of each source is tried
+    in a child process first, and RuntimeError(reason) is raised if DeepSparse cannot compile it."""
+    if source not in _COMPILES_CLEANLY:
         failure = compile_failure(static_graph, batch_size)
         if failure:
             raise RuntimeError(failure)
-        _COMPILES_CLEANLY.add(key)
+        _COMPILES_CLEANLY.add(source)
     from deepsparse import Engine
 
     return Engine(str(static_graph), batch_size=batch_size, num_cores=num_cores)
