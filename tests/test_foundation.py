@@ -195,3 +195,24 @@ def test_write_atomic_keeps_old_content_when_the_write_fails(tmp_path):
     with pytest.raises(TypeError):
         write_atomic(path, 12345)  # not str/bytes: fails inside the write
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize("recipe", ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"])
+def test_layer_wise_one_shot_in_groups_gives_the_same_weights(monkeypatch, recipe):
+    """Both backends prune big models in groups of layers, in threads (backends.in_groups)."""
+    from harness import backends, sparsity
+
+    targets = sparsity.prunable_names(load.load_model("tiny-gpt2").model)
+
+    def pruned_weights(group_bytes: int) -> dict:
+        monkeypatch.setattr(backends, "GROUP_BYTES", group_bytes)
+        loaded = load.load_model("tiny-gpt2")
+        assert len(backends.weight_groups(loaded.model, targets, group_bytes)) == (1 if group_bytes > 1e9 else len(targets))
+        backends.get_backend(recipe.split("/")[0]).prune(backends.PruneJob(
+            model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, recipe=load_recipe(recipe),
+            sparsity=0.5, targets=targets))
+        return {name: param.detach().clone() for name, param in loaded.model.named_parameters()}
+
+    whole, one_by_one = pruned_weights(10**12), pruned_weights(1)  # one group; one target per group
+    assert whole.keys() == one_by_one.keys() and all(torch.equal(whole[n], one_by_one[n]) for n in whole)
+    assert 0.49 < sparsity.zero_fraction(whole[name] for name in targets) < 0.51

@@ -157,20 +157,6 @@ def test_gradual_schedule_ramps_then_holds_at_the_target(monkeypatch, hold_steps
     assert abs(read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"] - level) <= TOLERANCE_POINTS
 
 
-def test_oneshot_magnitude_in_groups_gives_the_same_weights(monkeypatch):
-    def pruned_weights(group_bytes: int) -> dict:
-        monkeypatch.setattr(sparseml_backend, "GROUP_BYTES", group_bytes)
-        loaded = load.load_model("tiny-gpt2")
-        targets = sparsity.prunable_names(loaded.model)
-        assert len(sparseml_backend._groups(loaded.model, targets, group_bytes)) == (1 if group_bytes > 1e9 else len(targets))
-        sparseml_backend.prune(PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec,
-                                        recipe=load_recipe("sparseml/oneshot-magnitude"), sparsity=0.5, targets=targets))
-        return {name: param.detach().clone() for name, param in loaded.model.named_parameters()}
-
-    whole, one_by_one = pruned_weights(10**12), pruned_weights(1)  # one group; one target per group
-    assert whole.keys() == one_by_one.keys() and all(torch.equal(whole[n], one_by_one[n]) for n in whole)
-
-
 def test_a_recipe_that_misses_the_level_is_an_error(tmp_path):
     recipe_file = tmp_path / "fixed.yaml"
     text = (PROJECT_ROOT / "recipes/sparseml/oneshot-magnitude.yaml").read_text()

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from harness.backends import PruneJob, quiet
+from harness.backends import PruneJob, in_groups, quiet
 from harness.sparsity import zero_fraction
 from harness.backends._training import fine_tune, only_trainable
 from harness.errors import HarnessError
@@ -106,48 +106,68 @@ def _prepare(job: PruneJob):
     return manager, pruners
 
 
+def _layer_wise_one_shot(config) -> bool:
+    """Whether every pruner prunes each layer on its own, in one step without training (then groups of
+    layers get the same masks as the whole model)."""
+    merged = [{**config.weight_compression, **local} for local in config.pruning_configs]
+    return all(c["end_step"] == 0 and c["pruning_scope"] == "local" for c in merged)
+
+
+def _run_schedule(job: PruneJob) -> dict[int, float]:
+    """INC's callbacks over the recipe's schedule, fine-tuning if it has steps; returns the targets' zero
+    fraction after each pruning step."""
+    manager, pruners = _prepare(job)
+    callbacks = manager.callbacks
+    end_step = max(pruner.end_step for pruner in pruners)
+    params = dict(job.model.named_parameters())
+    targets = [params[name] for name in job.targets]
+    ramp = {}
+
+    def step_begin(step: int) -> None:
+        callbacks.on_step_begin(step)
+        if any(pruner.check_is_pruned_step(step) for pruner in pruners):
+            ramp[step] = zero_fraction(targets)
+
+    def before_optimizer_step(step: int) -> None:
+        # A layer skipped by LayerDrop (M2M100 trains with it) got no gradient; INC's snip criteria need one.
+        for param in targets:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        callbacks.on_before_optimizer_step()
+
+    def step_end(step: int) -> None:
+        callbacks.on_after_optimizer_step()
+        callbacks.on_step_end()
+
+    callbacks.on_train_begin()
+    if end_step > 0:
+        if not job.calibration:
+            raise HarnessError(f"recipe {job.recipe.name} fine-tunes for {end_step} steps: give it calibration "
+                               f"data (`calibration: {{samples: N}}` in its header)")
+        if "lr" not in job.recipe.params:
+            raise HarnessError(f"recipe {job.recipe.name} fine-tunes for {end_step} steps: add `lr` to its params")
+        fine_tune(job.model, job.calibration, end_step, float(job.recipe.params["lr"]),
+                  before_step=step_begin, after_step=step_end, desc="INC pruning",
+                  before_optimizer_step=before_optimizer_step)
+    step_begin(end_step)
+    callbacks.on_train_end()
+    return ramp
+
+
 def prune(job: PruneJob) -> None:
-    """Prune `job.targets` with INC's pruners to `job.sparsity`, fine-tuning if the schedule has steps."""
+    """Prune `job.targets` with INC's pruners to `job.sparsity`, fine-tuning if the schedule has steps
+    (layer-wise one-shot recipes in groups of layers, `in_groups`)."""
     with _quiet_inc(), _linear_views(job.model, job.target_modules), \
             only_trainable(job.model, job.targets):
-        manager, pruners = _prepare(job)
-        callbacks = manager.callbacks
-        end_step = max(pruner.end_step for pruner in pruners)
+        if _layer_wise_one_shot(_pruning_config(job)):
+            # one group at a time: INC's model wrapper sets and pops os.environ keys, which races in threads
+            in_groups(job, _run_schedule, workers=1)
+        else:
+            ramp = _run_schedule(job)
+            job.progress("inc: zero fraction of the targets at each pruning step: "
+                         + " ".join(f"{step}:{100 * fraction:.2f}%" for step, fraction in ramp.items()))
         params = dict(job.model.named_parameters())
-        targets = [params[name] for name in job.targets]
-        ramp = {}
-
-        def step_begin(step: int) -> None:
-            callbacks.on_step_begin(step)
-            if any(pruner.check_is_pruned_step(step) for pruner in pruners):
-                ramp[step] = zero_fraction(targets)
-
-        def before_optimizer_step(step: int) -> None:
-            # A layer skipped by LayerDrop (M2M100 trains with it) got no gradient; INC's snip criteria need one.
-            for param in targets:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            callbacks.on_before_optimizer_step()
-
-        def step_end(step: int) -> None:
-            callbacks.on_after_optimizer_step()
-            callbacks.on_step_end()
-
-        callbacks.on_train_begin()
-        if end_step > 0:
-            if not job.calibration:
-                raise HarnessError(f"recipe {job.recipe.name} fine-tunes for {end_step} steps: give it calibration "
-                                   f"data (`calibration: {{samples: N}}` in its header)")
-            if "lr" not in job.recipe.params:
-                raise HarnessError(f"recipe {job.recipe.name} fine-tunes for {end_step} steps: add `lr` to its params")
-            fine_tune(job.model, job.calibration, end_step, float(job.recipe.params["lr"]),
-                      before_step=step_begin, after_step=step_end, desc="INC pruning",
-                      before_optimizer_step=before_optimizer_step)
-        step_begin(end_step)
-        callbacks.on_train_end()
-        achieved = zero_fraction(targets)
-    job.progress("inc: zero fraction of the targets at each pruning step: "
-                 + " ".join(f"{step}:{100 * fraction:.2f}%" for step, fraction in ramp.items()))
+        achieved = zero_fraction(params[name] for name in job.targets)
     if abs(achieved - job.sparsity) > LEVEL_TOLERANCE:
         raise HarnessError(f"INC reached {achieved:.2%} sparsity instead of {job.sparsity:.2%} with recipe "
                            f"{job.recipe.name}: check its schedule (start_step, end_step, pruning_frequency)")

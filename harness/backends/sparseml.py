@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
 from harness import sparsity
-from harness.backends import PruneJob, _training, quiet
+from harness.backends import PruneJob, _training, in_groups, quiet
 from harness.errors import HarnessError
 
 # Before SparseML is imported: otherwise it starts a thread posting usage analytics to Google.
@@ -39,8 +38,6 @@ LEGACY_MODIFIER_TAG = re.compile(r"!\w+Modifier\b")
 LEVEL_TOLERANCE = 0.01  # a fraction: the achieved sparsity must be within 1 point of the target
 STEPS_PER_EPOCH = 1  # one fine-tuning step per SparseML epoch: a training recipe's epochs count steps
 LOGGER = logging.getLogger(__name__)
-GROUP_BYTES = 1_000_000_000  # weights per layer-wise one-shot group
-GROUP_WORKERS = 2  # groups pruned at once
 
 
 def _quiet_sparseml():
@@ -112,29 +109,7 @@ def _run_manager(job: PruneJob) -> None:
     elif any(getattr(mod, "global_sparsity", False) for mod in manager.iter_modifiers()):
         manager.apply(job.model, loggers=_loggers(logger_module))
     else:
-        # Layer-wise one-shot: each group of targets on its own gives the same masks, and SparseML's
-        # scores and masks (each as large as the weights they cover) then exist for a few groups at a
-        # time; for the whole of a 1.5B model at once they took more than 24 GiB. Groups run in
-        # threads (disjoint weights): its torch.kthvalue thresholds use one core each.
-        def apply(group: list[str]) -> None:
-            manager_for(group).apply(job.model, loggers=_loggers(logger_module))
-
-        with ThreadPoolExecutor(GROUP_WORKERS) as pool:
-            list(pool.map(apply, _groups(job.model, job.targets, GROUP_BYTES)))
-
-
-def _groups(model, targets: list[str], max_bytes: int) -> list[list[str]]:
-    """`targets` in order, cut into groups of at most `max_bytes` of weights (at least one each)."""
-    params = dict(model.named_parameters())
-    groups, size = [[]], 0
-    for name in targets:
-        tensor_bytes = params[name].numel() * params[name].element_size()
-        if groups[-1] and size + tensor_bytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += tensor_bytes
-    return groups
+        in_groups(job, lambda group: manager_for(group.targets).apply(job.model, loggers=_loggers(logger_module)))
 
 
 def _run_session(job: PruneJob) -> None:
