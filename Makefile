@@ -11,7 +11,7 @@ MODEL  ?= minilm
 LEVEL  ?= 90
 RECIPE ?= sparseml/oneshot-magnitude
 LEVELS ?= 0 10 50 90 95 99
-STAGES ?= prune,analyze,bench,eval
+STAGES ?= prune,analyze,export,bench,eval
 LIMIT  ?=
 ARGS   ?=
 
@@ -68,7 +68,7 @@ SHAPE_LEVELS  ?= 0 50 90 95 99
 # at dense speed), compared with level 0's timings.
 SHAPE_BENCH   ?= --dense-timings level0 --iterations 1 --min-time 0 --gzip-level 1
 SHAPE_SPARSE_ENGINES ?= deepsparse
-SHAPE_SWEEP    = $(HARNESS) sweep --model $(SHAPE_MODELS) --stages prune,analyze,bench --isolate --discard-artifacts $(ARGS)
+SHAPE_SWEEP    = $(HARNESS) sweep --model $(SHAPE_MODELS) --stages prune,analyze,export,bench --isolate --discard-artifacts $(ARGS)
 
 bench-shapes: $(STAMP)  ## full-size GPT-2 XL / DeBERTa-v2-xxlarge / M2M100-1.2B shapes, random weights (hours) -> reports/shapes.md
 	$(SHAPE_SWEEP) --recipe sparseml/oneshot-magnitude --levels 0 --stage-args "bench:$(SHAPE_BENCH)"

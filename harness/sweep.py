@@ -27,7 +27,7 @@ from harness.paths import runs_dir
 from harness.recipes import DEFAULT_RECIPE
 from harness.rundir import RunDir, level_name, parse_level, read_json, safe_name, write_json
 
-STAGE_ORDER = ("prune", "analyze", "bench", "eval")
+STAGE_ORDER = ("prune", "analyze", "export", "bench", "eval")
 DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
 SWEEP_FILE = "sweep.json"
 

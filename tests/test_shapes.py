@@ -37,7 +37,7 @@ def one_block_shapes(tmp_path_factory):
         patch.setenv("HARNESS_EXTRA_MODELS", str(extra))
         patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("shape-runs")))
         # as `make bench-shapes` runs them
-        stages = ["prune", "analyze", "bench", "eval"]
+        stages = ["prune", "analyze", "export", "bench", "eval"]
         dense = sweep.sweep(list(entries), RECIPES[:1], [0], stages, stage_args={"bench": FAST_BENCH},
                             discard_artifacts=True, isolate=True)
         benched = sweep.sweep(list(entries), RECIPES[:1], [90], stages, stage_args={"bench": FAST_BENCH + SPARSE_ENGINES},
@@ -47,10 +47,10 @@ def one_block_shapes(tmp_path_factory):
         yield {model: {**dense[model], **benched[model], **pruned[model]} for model in entries}
 
 
-def test_every_shape_goes_through_prune_analyze_and_bench(one_block_shapes):
+def test_every_shape_goes_through_prune_analyze_export_and_bench(one_block_shapes):
     for model, runs in one_block_shapes.items():
         for key, stages in runs.items():
-            expected = ("prune", "analyze", "bench") if key.startswith(RECIPES[0]) else ("prune", "analyze")
+            expected = ("prune", "analyze", "export", "bench") if key.startswith(RECIPES[0]) else ("prune", "analyze")
             assert {s: stages[s]["status"] for s in expected} == dict.fromkeys(expected, "done"), (model, key, stages)
             if "eval" in stages:
                 assert stages["eval"]["status"] == "skipped" and "shape-only" in stages["eval"]["reason"]
