@@ -75,12 +75,25 @@ def graph_files(architecture: str) -> tuple[str, ...]:
     return GRAPHS[architecture]
 
 
+def export_inputs(run: RunDir) -> str:
+    """The fingerprint of what an export depends on: the run's weights (their prune record) and the export settings."""
+    prune_record = run.stage_record("prune")
+    return fingerprint(prune_record.get("inputs"), prune_record.get("finished"), OPSET, GRAPH_REVISION, ATOL, RTOL)
+
+
+def discarded_export(run: RunDir) -> dict | None:
+    """The export record of a run whose verified export (of the current weights and settings) was deleted
+    since by `sweep --discard-artifacts`, else None: the export stands, like the run's other results."""
+    record = run.stage_record("export") or {}
+    done = record.get("status") == "done" and record.get("inputs") == export_inputs(run)
+    return record if done and "discarded" in run.manifest() and not (run.path / ONNX_SUBDIR).exists() else None
+
+
 def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     """Export the run's checkpoint to `<run>/onnx/` unless a verified export of it is current; return that dir."""
     run.require("prune")
     spec = load.resolve_spec(str(run.path))
-    prune_record = run.stage_record("prune")
-    inputs = fingerprint(prune_record.get("inputs"), prune_record.get("finished"), OPSET, GRAPH_REVISION, ATOL, RTOL)
+    inputs = export_inputs(run)
     files = [f"{ONNX_SUBDIR}/{name}" for name in graph_files(spec.architecture)]
     if not force and run.is_current("export", inputs, [*files, f"{ONNX_SUBDIR}/{EXPORT_FILE}"]):
         return run.path / ONNX_SUBDIR
@@ -348,6 +361,12 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     run = run_from_args(args)
+    run.require("prune")
+    discarded = None if args.force else discarded_export(run)
+    if discarded:
+        print(f"export: {run.path} was exported and verified on {discarded['finished']} (parity max abs diff "
+              f"{discarded['parity_max_abs_diff']:.2e}); its ONNX was discarded since to save disk (--force redoes it)")
+        return
     onnx_dir = ensure_onnx(run, args.force)
     summary = read_json(onnx_dir / EXPORT_FILE)
     print(f"export: {onnx_dir}: "

@@ -97,7 +97,7 @@ def test_discarding_artifacts_keeps_results_and_resume(monkeypatch, tmp_path):
     monkeypatch.setenv("HARNESS_RUNS", str(tmp_path))
     from harness import load
 
-    stages = ["prune", "analyze", "bench"]
+    stages = ["prune", "analyze", "export", "bench"]
     bench_args = {"bench": ["--dense-timings", "level0", "--batch-sizes", "1", "--seq-len", "8", "--threads", "1",
                             "--iterations", "1", "--min-time", "0", "--engines", "onnxruntime,pytorch",
                             "--gzip-level", "1"]}
@@ -117,7 +117,8 @@ def test_discarding_artifacts_keeps_results_and_resume(monkeypatch, tmp_path):
         load.load_model(str(sparse.path))
 
     stamps = {(r.level, s): r.stage_record(s)["finished"] for r in (dense, sparse) for s in stages}
-    sweep.sweep([MODEL], RECIPES[:1], [0, 50], stages, stage_args=bench_args, discard_artifacts=True)
+    rerun = sweep.sweep([MODEL], RECIPES[:1], [0, 50], stages, stage_args=bench_args, discard_artifacts=True)
+    assert all(s["status"] == "done" for st in rerun[MODEL].values() for s in st.values()), rerun
     assert {(r.level, s): r.stage_record(s)["finished"] for r in (dense, sparse) for s in stages} == stamps
 
 
