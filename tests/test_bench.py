@@ -2,12 +2,14 @@
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import transformers
 from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 
 from harness import bench, cli, export, load, sparsity
+from harness.evaluators import onnx_engine
 from harness.errors import HarnessError
 from harness.rundir import read_json
 from test_export import RECIPE, write_run
@@ -119,6 +121,17 @@ def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_be
     reason = result["engines"]["deepsparse"]["reason"]
     assert reason.startswith("from b2_s16 on: ") and "killed while compiling model.onnx (sparse) (out of memory?)" in reason
     assert set(result["results"]["onnxruntime"]) == {"b1_s16", "b2_s16"}
+
+
+def test_a_child_is_stopped_when_the_machine_runs_low_on_memory(monkeypatch):
+    assert onnx_engine.child_failure("print('compiled')") is None
+    # a threshold above the machine's memory stands in for a compile that has eaten it all
+    monkeypatch.setattr(onnx_engine, "MIN_AVAILABLE_BYTES", psutil.virtual_memory().total + 1)
+    monkeypatch.setattr(onnx_engine, "MEMORY_POLL_SECONDS", 0.1)
+    started = time.monotonic()
+    reason = onnx_engine.child_failure("import time; print('compiling model.onnx', flush=True); time.sleep(60)")
+    assert time.monotonic() - started < 30
+    assert reason.startswith("stopped while compiling model.onnx: the machine was down to ")
 
 
 def test_a_sharded_bitmask_round_trips(gpt2_bench, monkeypatch):
