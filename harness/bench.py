@@ -504,7 +504,9 @@ def bench_engines(variants: dict[str, Variant], settings: dict, warnings_out: li
                 text = str(exc).strip()
                 # later scenarios have larger batches: no engine there either
                 reason = f"from {scenario} on: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-                warnings_out.append(f"DeepSparse unavailable {reason}; ONNX Runtime and PyTorch results only there")
+                others = [name for name in settings["engines"] if name != engine]
+                warnings_out.append(f"DeepSparse unavailable {reason}; "
+                                    + (f"{', '.join(others)} results only there" if others else "no timings there"))
                 engines[engine] = {"status": "unavailable", "threads": threads, "reason": reason}
                 progress.update(len(scenarios) - len(results["sparse"].get(engine, {})))
                 break

@@ -121,6 +121,7 @@ def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_be
     reason = result["engines"]["deepsparse"]["reason"]
     assert reason.startswith("from b2_s16 on: ") and "killed while compiling model.onnx (sparse) (out of memory?)" in reason
     assert set(result["results"]["onnxruntime"]) == {"b1_s16", "b2_s16"}
+    assert any(w.endswith("; onnxruntime results only there") for w in result["warnings"])
 
 
 def test_a_child_is_stopped_when_the_machine_runs_low_on_memory(monkeypatch):
