@@ -140,6 +140,11 @@ class ModelRuns:
     def expected_stages(self) -> list[str]:
         return [stage for stage in STAGE_OUTPUTS if not (stage == "eval" and self.shape_only)]
 
+    def expects(self, run: Run, stage: str) -> bool:
+        """Whether a missing output of an expected stage is a gap for `run`. A shape-only run that a sweep ran expects
+        only the stages the sweep was asked for (`make bench-shapes` prunes and analyses INC's runs)."""
+        return not (self.shape_only and run.ledger and stage not in run.ledger)
+
 
 def read_output(run_path: Path, stage: str) -> dict | None:
     """A stage's JSON output in a run directory, or None when it is not there (or unreadable)."""
@@ -349,7 +354,7 @@ def gaps(models: ModelRuns) -> list[tuple[Run, str, bool, str]]:
     """(run, stage, failed?, what is wrong) for every expected stage output that is missing or failed."""
     found = []
     for run in models.runs:
-        for stage in models.expected_stages():
+        for stage in [stage for stage in models.expected_stages() if models.expects(run, stage)]:
             record = run.ledger.get(stage, {})
             status = record.get("status")
             if status == "failed":
@@ -383,20 +388,22 @@ def gap_lines(models: ModelRuns, prefix: str = "") -> list[str]:
 
 def section_coverage(models: ModelRuns) -> list[str]:
     stages = models.expected_stages()
-    lines = ["Which stage outputs each run directory holds (`done`), and what is missing or failed.", ""]
+    lines = ["Which stage outputs each run directory holds (`done`), what is missing or failed, and which stages "
+             "its sweep was not asked to run (`not asked`).", ""]
     rows = []
     for run in models.runs:
         cells = []
         for stage in stages:
             status = run.ledger.get(stage, {}).get("status")
-            cells.append("FAILED" if status == "failed" else "done" if stage in run.outputs else "missing")
+            cells.append("FAILED" if status == "failed" else "done" if stage in run.outputs
+                         else "missing" if models.expects(run, stage) else "not asked")
         rows.append([run.recipe, level_name(run.level), *cells, run_link(run)])
     lines += table(["recipe", "level %", *stages, "run directory"], rows)
     found = gap_lines(models)
     if found:
         lines += ["**Gaps**: these numbers are absent from the sections below.", "", *found]
     else:
-        lines.append("No gaps: every run has every stage's output.")
+        lines.append("No gaps: every run has the output of every stage expected of it.")
     return lines + [""]
 
 

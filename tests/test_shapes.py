@@ -90,3 +90,6 @@ def test_the_shapes_report_compares_the_three_models(one_block_shapes, tmp_path,
     shapes = written[-1].read_text()
     speed_rows = shapes.split("## Speedup and efficiency vs the FLOP-ideal")[1].split("## ")[0]
     assert all(f"| {model} |" in speed_rows for model in one_block_shapes)
+    assert "## Gaps" not in shapes  # INC's runs are pruned and analysed, as bench-shapes asked, not benched
+    coverage = written[0].read_text().split("## Runs and gaps")[1].split("## ")[0]
+    assert "| inc/oneshot-magnitude | 90 | done | done | not asked |" in coverage and "No gaps" in coverage
