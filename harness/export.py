@@ -361,7 +361,6 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     run = run_from_args(args)
-    run.require("prune")
     discarded = None if args.force else discarded_export(run)
     if discarded:
         print(f"export: {run.path} was exported and verified on {discarded['finished']} (parity max abs diff "
