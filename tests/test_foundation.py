@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from harness import cli, load
 from harness.errors import HarnessError
 from harness.recipes import available, load_recipe, parse_overrides
-from harness.rundir import parse_level, staging_dir, write_atomic
+from harness.rundir import parse_level, read_json, stage_run, staging_dir, write_atomic
 
 
 def run_cli(capsys, *argv):
@@ -195,6 +195,20 @@ def test_write_atomic_keeps_old_content_when_the_write_fails(tmp_path):
     with pytest.raises(TypeError):
         write_atomic(path, 12345)  # not str/bytes: fails inside the write
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_stage_records_its_own_peak_memory_and_its_childrens(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    with stage_run(manifest, "quiet", "x"):
+        pass
+    # a child holding 300 MB, like the DeepSparse compile the bench starts
+    hungry = "b = bytearray(300 * 2**20); import time; time.sleep(1)"
+    with stage_run(manifest, "bench", "x"):
+        subprocess.run([sys.executable, "-c", hungry], check=True)
+    stages = read_json(manifest)["stages"]
+    assert "children_peak_rss_mb" not in stages["quiet"]
+    assert 300 <= stages["bench"]["children_peak_rss_mb"] < 400
+    assert stages["bench"]["peak_rss_mb"] < stages["quiet"]["peak_rss_mb"] + 100
 
 
 @pytest.mark.parametrize("recipe", ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"])

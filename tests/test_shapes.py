@@ -70,6 +70,8 @@ def test_shape_runs_are_labelled_measured_and_their_weights_discarded(one_block_
         assert set(dense["results"]) == {"deepsparse", "onnxruntime", "pytorch"}
         assert bench["dense_results"] == dense["results"] and bench["speedups"]["b1_s32"]["headline"] > 0
         assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
+        # DeepSparse compiles and runs in a child process; its memory is recorded beside the bench's own
+        assert RunDir(model, RECIPES[0], 90).manifest()["stages"]["bench"]["children_peak_rss_mb"] > 50
 
 
 def test_eval_refuses_a_shape_only_model(one_block_shapes):
@@ -90,6 +92,9 @@ def test_the_shapes_report_compares_the_three_models(one_block_shapes, tmp_path,
     shapes = written[-1].read_text()
     speed_rows = shapes.split("## Speedup and efficiency vs the FLOP-ideal")[1].split("## ")[0]
     assert all(f"| {model} |" in speed_rows for model in one_block_shapes)
+    peaks = shapes.split("## Peak memory per stage")[1]
+    assert all(f"| {model} | {RECIPES[0]} | 90 |" in peaks for model in one_block_shapes)
+    assert peaks.count(" children |") >= 2 * len(one_block_shapes)  # both benches, each with DeepSparse
     assert "## Gaps" not in shapes  # INC's runs are pruned and analysed, as bench-shapes asked, not benched
     coverage = written[0].read_text().split("## Runs and gaps")[1].split("## ")[0]
     assert "| inc/oneshot-magnitude | 90 | done | done | not asked |" in coverage and "No gaps" in coverage
