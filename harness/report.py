@@ -972,9 +972,11 @@ def peak_cell(record: dict) -> str:
 
 def resource_cells(run: Run) -> list[str]:
     """Peak memory and wall time of each stage, from the run's manifest."""
-    return [cell for stage in RESOURCE_STAGES
-            for record in [run.stage_record(stage)]
-            for cell in (peak_cell(record), number(record.get("wall_time_s")))]
+    cells = []
+    for stage in RESOURCE_STAGES:
+        record = run.stage_record(stage)
+        cells += [peak_cell(record), number(record.get("wall_time_s"))]
+    return cells
 
 
 # --- the reports ----------------------------------------------------------------------------------
