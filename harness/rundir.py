@@ -24,11 +24,9 @@ from typing import Any, Iterator
 import psutil
 
 from harness.errors import HarnessError
+from harness.layout import DERIVED_SUBDIRS, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, Record, read_record
 from harness.paths import runs_dir
 
-MANIFEST = "manifest.json"
-MODEL_SUBDIR = "model"
-DISCARDED_NOTE = "DISCARDED.txt"  # left in model/ when its weights were deleted to save disk
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TRACKED_PACKAGES = (
     "torch", "transformers", "sparseml", "deepsparse", "neural-compressor", "onnx", "onnxruntime",
@@ -196,15 +194,19 @@ class RunDir:
             and all((self.path / out).exists() for out in outputs)
         )
 
-    def discard_artifacts(self, derived_subdirs: tuple[str, ...] = ()) -> int:
-        """Delete the checkpoint's weight files and the given derived subdirectories (e.g. the ONNX
-        export) to save disk, keeping every result and the manifest; returns the bytes freed.
+    def read(self, name: str, kind: type[Record]) -> Record | None:
+        """The record stored in file `name` of this run (a layout name), or None when it is not there."""
+        return read_record(self.path / name, kind)
+
+    def discard_artifacts(self) -> int:
+        """Delete the checkpoint's weight files and the derived model-sized copies (the ONNX export, the
+        compressed copy) to save disk, keeping every result and the manifest; returns the bytes freed.
 
         The stages' records stay valid (their results were computed before), so a rerun skips them;
         loading the model says how to recreate the weights instead of failing obscurely.
         """
         doomed = [p for p in self.model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)] if self.model_dir.exists() else []
-        doomed += [self.path / name for name in derived_subdirs if (self.path / name).exists()]
+        doomed += [self.path / name for name in DERIVED_SUBDIRS if (self.path / name).exists()]
         if not doomed:
             return 0
         freed = sum(f.stat().st_size for p in doomed for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())

@@ -19,17 +19,17 @@ import traceback
 
 from tqdm import tqdm
 
-from harness import bench, cli, export
+from harness import cli
 from harness.errors import HarnessError
 from harness.evaluate import parse_limit
 from harness.load import resolve_spec
 from harness.paths import runs_dir
 from harness.recipes import DEFAULT_RECIPE
+from harness.layout import SWEEP_FILE
 from harness.rundir import RunDir, level_name, parse_level, read_json, safe_name, write_json
 
 STAGE_ORDER = ("prune", "analyze", "export", "bench", "eval")
 DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
-SWEEP_FILE = "sweep.json"
 
 
 def stage_argv(stage: str, model: str, recipe: str, level: float, limit: str | int | None, force: bool,
@@ -134,7 +134,7 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
 
 
 def _discard(run: RunDir) -> None:
-    freed = run.discard_artifacts((export.ONNX_SUBDIR, bench.COMPRESSED_SUBDIR))
+    freed = run.discard_artifacts()
     if freed:
         tqdm.write(f"sweep: discarded {freed / 1e9:.1f} GB of weights and exports in {run.path}")
 

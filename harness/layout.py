@@ -1,0 +1,275 @@
+"""The run directory's layout: every file name a stage writes and every JSON record it holds.
+
+    runs/<model>/sweep.json                     the sweep ledger (SWEEP_FILE)
+    runs/<model>/<recipe>/<level>/
+        manifest.json                           model spec, recipe, seed, one record per stage (MANIFEST)
+        model/                                  the pruned checkpoint (MODEL_SUBDIR)
+        sparsity.json                           prune: `Sparsity`
+        analysis/structure.json, ...            analyze (ANALYSIS_SUBDIR, ANALYSIS_FILES)
+        onnx/model.onnx, onnx/export.json       export (ONNX_SUBDIR, EXPORT_FILE)
+        bench.json, compressed/                 bench: `Bench` (BENCH_FILE, COMPRESSED_SUBDIR)
+        eval.json                               eval: `Evaluation`
+
+Writers build these dataclasses and store `to_json(record)`; readers get them back with
+`read_record(path, Type)`, so a key is named once, here, for both sides. Records of older runs
+with fewer keys read with those fields as None; keys this module does not know are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+MANIFEST = "manifest.json"
+MODEL_SUBDIR = "model"
+DISCARDED_NOTE = "DISCARDED.txt"  # left in model/ when its weights were deleted to save disk
+SPARSITY_FILE = "sparsity.json"
+ANALYSIS_SUBDIR = "analysis"
+STRUCTURE_JSON = "structure.json"
+STRUCTURE_CSV = "tensors.csv"
+SUMMARY_MD = "summary.md"
+HISTOGRAM_PNG = "histograms.png"
+BY_LAYER_PNG = "by_layer.png"
+HEATMAP_PNG = "heatmap.png"
+ANALYSIS_FILES = (STRUCTURE_JSON, STRUCTURE_CSV, SUMMARY_MD, HISTOGRAM_PNG, BY_LAYER_PNG, HEATMAP_PNG)
+ONNX_SUBDIR = "onnx"
+EXPORT_FILE = "export.json"  # inside onnx/
+BENCH_FILE = "bench.json"
+COMPRESSED_SUBDIR = "compressed"  # the sparse-bitmask copy the bench writes to measure its size
+EVAL_FILE = "eval.json"
+SWEEP_FILE = "sweep.json"  # in runs/<model>/
+DERIVED_SUBDIRS = (ONNX_SUBDIR, COMPRESSED_SUBDIR)  # model-sized copies a sweep may discard
+
+# stage -> the file that shows it finished (relative to the run directory)
+STAGE_OUTPUTS = {
+    "prune": SPARSITY_FILE,
+    "analyze": f"{ANALYSIS_SUBDIR}/{STRUCTURE_JSON}",
+    "export": f"{ONNX_SUBDIR}/{EXPORT_FILE}",
+    "bench": BENCH_FILE,
+    "eval": EVAL_FILE,
+}
+
+
+# --- prune ------------------------------------------------------------------------------------------
+
+@dataclass
+class Sparsity:
+    """`sparsity.json`: sparsity measured from the saved weights."""
+
+    target_percent: float
+    achieved_percent: float  # over the prunable weights
+    overall_percent: float  # over every weight
+    prunable_params: int
+    total_params: int
+    per_layer_percent: dict[str, float]
+    prunable_tensors: list[str]
+
+
+# --- bench ------------------------------------------------------------------------------------------
+
+@dataclass
+class PartTiming:
+    median_ms: float
+    p90_ms: float
+
+
+@dataclass
+class Timing:
+    """One engine on one scenario. Encoder-decoders: the combined step, with `parts` per graph."""
+
+    batch_size: int
+    seq_len: int
+    median_ms: float
+    p90_ms: float
+    items_per_s: float  # sequences per second
+    iterations: int
+    threads: int
+    parts: dict[str, PartTiming] | None = None
+
+
+@dataclass
+class FlopIdeal:
+    """The speedup if each weight's multiply-accumulates scaled with its density (per sequence).
+
+    The shares split the dense MACs into the recipe's prunable weights, other weights (LM head, task
+    heads) and other matmuls (attention); `max_speedup` is Amdahl's limit at 100 % sparsity.
+    """
+
+    speedup: float
+    macs_dense: float
+    macs_sparse: float
+    prunable_share: float
+    other_linear_share: float
+    other_matmul_share: float
+    max_speedup: float | None
+    parts: dict[str, FlopIdeal] | None = None
+
+
+@dataclass
+class Speedup:
+    """Per scenario: each engine's sparse vs its own dense, the headline (DeepSparse sparse vs ONNX
+    Runtime dense), and each divided by the FLOP-ideal speedup. None where an engine is missing."""
+
+    engines: dict[str, float | None]
+    headline: float | None
+    efficiency: dict[str, float | None]  # engine or "headline" -> speedup / ideal
+
+
+@dataclass
+class SizeEntry:
+    bytes: int
+    bits_per_weight: float
+
+
+@dataclass
+class Sizes:
+    params: int
+    checkpoint: SizeEntry
+    checkpoint_gzip: SizeEntry
+    onnx: SizeEntry
+    onnx_gzip: SizeEntry
+    sparse_bitmask: SizeEntry  # compressed-tensors' sparse-bitmask format, written to compressed/
+
+
+@dataclass
+class EngineStatus:
+    status: str  # "ok" | "unavailable"
+    threads: int
+    reason: str | None = None
+
+
+@dataclass
+class Bench:
+    """`bench.json`. Scenarios are named `b<batch>_s<seq>`, e.g. `b1_s128`."""
+
+    model: str
+    recipe: str
+    level: float
+    architecture: str
+    achieved_percent: float
+    run: str
+    dense_run: str
+    settings: dict[str, Any]
+    cpu: dict[str, Any]
+    engines: dict[str, EngineStatus]
+    results: dict[str, dict[str, Timing]]  # engine -> scenario -> timing
+    dense_results: dict[str, dict[str, Timing]]  # the same for the dense baseline
+    speedups: dict[str, Speedup]  # scenario ->
+    flop_ideal: dict[str, FlopIdeal]  # scenario ->
+    sizes: Sizes
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- eval -------------------------------------------------------------------------------------------
+
+@dataclass
+class Metric:
+    value: float
+    stderr: float | None = None
+
+
+@dataclass
+class EngineCheck:
+    """How a deployed engine (DeepSparse, or ONNX Runtime where DeepSparse cannot run) compares with
+    PyTorch on a benchmark: its own metrics and their difference (decoders), how often it predicts
+    the same class (classifiers) or its embeddings' cosine to PyTorch's (encoders)."""
+
+    runtime: str
+    wall_time_s: float
+    sample: int | None = None
+    metrics: dict[str, Metric] | None = None
+    difference: dict[str, float] | None = None
+    agreement: float | None = None
+    mean_cosine_vs_pytorch: float | None = None
+
+
+@dataclass
+class Outcome:
+    """What an evaluator returns for one benchmark."""
+
+    examples: int
+    metrics: dict[str, Metric]
+    deepsparse: EngineCheck | None = None
+    max_length: int | None = None  # decoders: the context the lm-eval requests were cut to
+
+
+@dataclass
+class BenchmarkResult:
+    """One benchmark in `eval.json`: an evaluator's outcome and how it was obtained, or why it was skipped."""
+
+    status: str  # "done" | "skipped"
+    reason: str | None = None  # skipped only
+    description: str | None = None
+    evaluator: str | None = None
+    data: dict[str, str] | None = None
+    limit: int | None = None
+    wall_time_s: float | None = None
+    examples: int | None = None
+    metrics: dict[str, Metric] | None = None
+    deepsparse: EngineCheck | None = None
+    max_length: int | None = None
+    delta_vs_level0: dict[str, float] | None = None
+
+
+@dataclass
+class Evaluation:
+    """`eval.json`."""
+
+    model: str
+    recipe: str
+    level: float
+    limit: Any  # None, a number, or {benchmark: number}
+    engines: list[str]
+    baseline: dict[str, Any] | None  # the level-0 run the deltas are against: {path, finished}
+    benchmarks: dict[str, BenchmarkResult]
+
+
+# --- reading and writing ------------------------------------------------------------------------------
+
+Record = TypeVar("Record")
+
+
+def to_json(record) -> dict:
+    """A record as the JSON-ready dict a stage stores."""
+    return dataclasses.asdict(record)
+
+
+def from_json(kind: type[Record], data: dict) -> Record:
+    """A record from its stored dict (missing optional keys become their defaults, unknown keys are dropped)."""
+    return _convert(kind, data)
+
+
+def read_record(path: Path, kind: type[Record]) -> Record | None:
+    """The record stored at `path`, or None when the file is missing or unreadable."""
+    try:
+        with open(path) as handle:
+            return from_json(kind, json.load(handle))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _convert(kind, value):
+    if value is None:
+        return None
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return _convert(next(a for a in typing.get_args(kind) if a is not type(None)), value)
+    if origin is dict:
+        _, item = typing.get_args(kind)
+        return {k: _convert(item, v) for k, v in value.items()}
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        return [_convert(item, v) for v in value]
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        missing = [name for name, f in fields.items() if name not in value
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise KeyError(f"{kind.__name__} record without {', '.join(missing)}")
+        return kind(**{name: _convert(hints[name], value[name]) for name in fields if name in value})
+    return value
