@@ -11,8 +11,8 @@
         eval.json                               eval: `Evaluation`
 
 Writers build these dataclasses and store `to_json(record)`; readers get them back with
-`read_record(path, Type)`, so a key is named once, here, for both sides. Records of older runs
-with fewer keys read with those fields as None; keys this module does not know are ignored.
+`read_record(path, Type)`, so a key is named once, here, for both sides. An optional field that is
+None is left out of the JSON (and reads back as None); keys this module does not know are ignored.
 """
 from __future__ import annotations
 
@@ -112,11 +112,20 @@ class FlopIdeal:
 @dataclass
 class Speedup:
     """Per scenario: each engine's sparse vs its own dense, the headline (DeepSparse sparse vs ONNX
-    Runtime dense), and each divided by the FLOP-ideal speedup. None where an engine is missing."""
+    Runtime dense), and each divided by the FLOP-ideal speedup. None where an engine is missing.
+    Stored flat: `{<engine>: x, ..., "headline": x, "efficiency": {<engine> | "headline": x}}`."""
 
     engines: dict[str, float | None]
     headline: float | None
-    efficiency: dict[str, float | None]  # engine or "headline" -> speedup / ideal
+    efficiency: dict[str, float | None]
+
+    def stored(self) -> dict:
+        return {**self.engines, "headline": self.headline, "efficiency": self.efficiency}
+
+    @classmethod
+    def from_stored(cls, data: dict) -> "Speedup":
+        engines = {k: v for k, v in data.items() if k not in ("headline", "efficiency")}
+        return cls(engines, data.get("headline"), data.get("efficiency") or {})
 
 
 @dataclass
@@ -233,9 +242,18 @@ class Evaluation:
 Record = TypeVar("Record")
 
 
-def to_json(record) -> dict:
-    """A record as the JSON-ready dict a stage stores."""
-    return dataclasses.asdict(record)
+def to_json(record):
+    """A record (or a dict or list of them) as the JSON-ready value a stage stores."""
+    if hasattr(record, "stored"):
+        return to_json(record.stored())
+    if dataclasses.is_dataclass(record):
+        return {f.name: to_json(getattr(record, f.name)) for f in dataclasses.fields(record)
+                if not (f.default is None and getattr(record, f.name) is None)}
+    if isinstance(record, dict):
+        return {k: to_json(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [to_json(v) for v in record]
+    return record
 
 
 def from_json(kind: type[Record], data: dict) -> Record:
@@ -264,6 +282,8 @@ def _convert(kind, value):
     if origin is list:
         (item,) = typing.get_args(kind)
         return [_convert(item, v) for v in value]
+    if hasattr(kind, "from_stored"):
+        return kind.from_stored(value)
     if dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         fields = {f.name: f for f in dataclasses.fields(kind)}

@@ -1,7 +1,12 @@
-"""Shared fixtures: every test session writes runs into a temporary directory, never into runs/."""
+"""Shared fixtures and run builders: every test session writes runs into a temporary directory, never into runs/."""
 import os
 
 import pytest
+import torch
+
+from harness import load, sparsity
+from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE
+from harness.rundir import RunDir, fingerprint, stage_run, staging_dir, write_json
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -10,3 +15,28 @@ def isolated_runs(tmp_path_factory):
     os.environ["HARNESS_REPORTS"] = str(tmp_path_factory.mktemp("reports"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     yield
+
+
+RECIPE = "fixture/magnitude"  # run directories written here, not by a real recipe
+
+
+def write_run(model: str, level: float) -> RunDir:
+    """A run directory laid out like the prune stage's, pruned here by per-tensor magnitude."""
+    spec = load.resolve_spec(model)
+    run = RunDir(spec.name, RECIPE, float(level))
+    if run.exists():
+        return run
+    with staging_dir(run.path) as tmp:
+        write_json(tmp / MANIFEST, {"model": spec.name, "spec": spec.to_dict(), "recipe": RECIPE, "level": level})
+        with stage_run(tmp / MANIFEST, "prune", fingerprint(model, level)):
+            loaded = load.load_model(spec)
+            targets = sparsity.prunable_names(loaded.model)
+            params = dict(loaded.model.named_parameters())
+            with torch.no_grad():
+                for name in targets:
+                    flat = params[name].view(-1)
+                    flat[flat.abs().argsort()[:int(flat.numel() * level / 100)]] = 0
+            loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
+            write_json(tmp / SPARSITY_FILE, sparsity.measure(tmp / MODEL_SUBDIR, targets, level))
+    return run

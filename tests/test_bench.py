@@ -12,7 +12,7 @@ from harness import bench, cli, export, load, sparsity
 from harness.evaluators import onnx_engine
 from harness.errors import HarnessError
 from harness.rundir import read_json
-from test_export import RECIPE, write_run
+from conftest import RECIPE, write_run
 
 # One thread: DeepSparse's spinning worker threads slow down badly when the CPU is shared (CI).
 SETTINGS = {"batch_sizes": [1, 2], "seq_len": 16, "threads": 1, "iterations": 3, "min_time_s": 0.0,

@@ -8,31 +8,7 @@ from onnx import numpy_helper
 from harness import cli, export, load, sparsity
 from harness.errors import HarnessError
 from harness.rundir import MANIFEST, MODEL_SUBDIR, RunDir, fingerprint, read_json, stage_run, staging_dir, write_json
-
-RECIPE = "fixture/magnitude"  # run directories written here, not by a real recipe
-
-
-def write_run(model: str, level: float) -> RunDir:
-    """A run directory laid out like the prune stage's, pruned here by per-tensor magnitude."""
-    spec = load.resolve_spec(model)
-    run = RunDir(spec.name, RECIPE, float(level))
-    if run.exists():
-        return run
-    with staging_dir(run.path) as tmp:
-        write_json(tmp / MANIFEST, {"model": spec.name, "spec": spec.to_dict(), "recipe": RECIPE, "level": level})
-        with stage_run(tmp / MANIFEST, "prune", fingerprint(model, level)):
-            loaded = load.load_model(spec)
-            targets = sparsity.prunable_names(loaded.model)
-            params = dict(loaded.model.named_parameters())
-            with torch.no_grad():
-                for name in targets:
-                    flat = params[name].view(-1)
-                    flat[flat.abs().argsort()[:int(flat.numel() * level / 100)]] = 0
-            loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True)
-            loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
-            write_json(tmp / "sparsity.json", sparsity.measure(tmp / MODEL_SUBDIR, targets, level))
-    return run
-
+from conftest import RECIPE, write_run
 
 def onnx_zero_counts(onnx_dir) -> list[int]:
     return [int((numpy_helper.to_array(t) == 0).sum()) for f in sorted(onnx_dir.glob("*.onnx"))
