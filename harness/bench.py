@@ -61,7 +61,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from harness import export, load, prune
+from harness import export, load, onnx_graphs, prune
 from harness.errors import HarnessError
 from harness.rundir import RunDir, fingerprint, read_json, stage_run, staging_dir, write_json
 
@@ -73,7 +73,7 @@ INPUT_SEED = 0
 DENSE_TIMINGS = ("alongside", "level0")
 BUSY_CORES = 0.25  # other processes' average CPU use while timing above which the times are flagged
 ROUNDS = 2  # alternating timing blocks per variant when dense and sparse are timed together
-# One graph per part; encoder-decoders run encoder then decoder (in export.graph_files order).
+# One graph per part; encoder-decoders run encoder then decoder (in onnx_graphs.graph_files order).
 PARTS = {"model.onnx": "model", "encoder_model.onnx": "encoder", "decoder_model.onnx": "decoder"}
 
 Step = Callable[[dict], dict]  # named inputs -> named outputs (numpy arrays or torch tensors)
@@ -100,13 +100,13 @@ def synthetic_inputs(config, architecture: str, batch_size: int, seq_len: int) -
     values = {"input_ids": rng.integers(4, config.vocab_size, size=(batch_size, seq_len), dtype=np.int64),
               "attention_mask": np.ones((batch_size, seq_len), dtype=np.int64)}
     if architecture == "encoder-decoder":
-        values["decoder_input_ids"] = export.decoder_start(config, batch_size)
+        values["decoder_input_ids"] = onnx_graphs.decoder_start(config, batch_size)
     return values
 
 
 def part_inputs(part: str, values: dict, outputs: dict) -> dict:
     """What a part's graph is fed: the scenario's inputs, or for the decoder the encoder's output."""
-    return export.decoder_values(values, outputs["last_hidden_state"]) if part == "decoder" else values
+    return onnx_graphs.decoder_values(values, outputs["last_hidden_state"]) if part == "decoder" else values
 
 
 @dataclass
@@ -146,15 +146,15 @@ class Variant:
 def ort_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
     """ONNX Runtime CPU sessions on the exported graphs."""
     steps = {}
-    for graph in export.graph_files(variant.spec.architecture):
-        session = export.ort_session(variant.onnx_dir / graph, threads)
-        names, outputs = export.graph_io(variant.onnx_dir / graph)
+    for graph in onnx_graphs.graph_files(variant.spec.architecture):
+        session = onnx_graphs.ort_session(variant.onnx_dir / graph, threads)
+        names, outputs = onnx_graphs.graph_io(variant.onnx_dir / graph)
         steps[PARTS[graph]] = _ort_step(session, names, outputs)
     return steps
 
 
 def _ort_step(session, names: list[str], outputs: list[str]) -> Step:
-    return lambda values: dict(zip(outputs, session.run(None, export.onnx_feeds(names, values))))
+    return lambda values: dict(zip(outputs, session.run(None, onnx_graphs.onnx_feeds(names, values))))
 
 
 def deepsparse_times(variants: dict[str, Variant], threads: int, values: dict, settings: dict) -> dict:
@@ -205,17 +205,17 @@ def deepsparse_steps(onnx_dir: Path, architecture: str, threads: int, example: d
     dims = {"batch_size": batch_size, "sequence_length": seq_len, "encoder_sequence_length": seq_len,
             "decoder_sequence_length": example.get("decoder_input_ids", example["input_ids"]).shape[1]}
     steps = {}
-    for graph in export.graph_files(architecture):
-        names, outputs = export.graph_io(onnx_dir / graph)
+    for graph in onnx_graphs.graph_files(architecture):
+        names, outputs = onnx_graphs.graph_io(onnx_dir / graph)
         print(f"compiling {graph} ({label})", flush=True)  # what the parent names if this child dies
-        with export.static_graph(onnx_dir / graph, dims) as fixed:
+        with onnx_graphs.static_graph(onnx_dir / graph, dims) as fixed:
             engine = Engine(str(fixed), batch_size=batch_size, num_cores=threads)
         steps[PARTS[graph]] = _deepsparse_step(engine, names, outputs)
     return steps
 
 
 def _deepsparse_step(engine, names: list[str], outputs: list[str]) -> Step:
-    return lambda values: dict(zip(outputs, engine.run(list(export.onnx_feeds(names, values).values()))))
+    return lambda values: dict(zip(outputs, engine.run(list(onnx_graphs.onnx_feeds(names, values).values()))))
 
 
 def pytorch_steps(variant: Variant, threads: int, example: dict) -> dict[str, Step]:
@@ -456,7 +456,7 @@ def sizes(run: RunDir, onnx_dir: Path, architecture: str, gzip_level: int = 6) -
 
     params = sum(tensor.numel() for _, tensor in saved_tensors(run.model_dir))
     checkpoint = sorted(run.model_dir.glob("*.safetensors"))
-    graphs = [onnx_dir / name for name in export.graph_files(architecture)]
+    graphs = [onnx_dir / name for name in onnx_graphs.graph_files(architecture)]
     onnx_files = [p for graph in graphs for p in (graph, graph.with_name(graph.name + "_data")) if p.exists()]
     bitmask = sorted(write_bitmask(run).glob("*.safetensors"))
 

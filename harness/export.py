@@ -6,7 +6,7 @@ compile), no KV cache, dynamic batch and sequence axes:
 
     decoder          model.onnx            input_ids, attention_mask[, position_ids] -> logits
                                            (position_ids only where optimum's config asks for it,
-                                           e.g. GPT-2: cumsum(attention_mask) - 1; `onnx_feeds` fills it)
+                                           e.g. GPT-2: cumsum(attention_mask) - 1; `onnx_graphs.onnx_feeds` fills it)
     encoder          model.onnx            input_ids, attention_mask[, token_type_ids] ->
                                            last_hidden_state (feature-extraction) or logits (text-classification)
     encoder-decoder  encoder_model.onnx    input_ids, attention_mask -> last_hidden_state
@@ -21,7 +21,7 @@ pruned checkpoint tensor has an ONNX initializer of the same shape, up to transp
 number of zeros).
 
 DeepSparse compiles for fixed shapes, so the graphs stay dynamic and a user compiles the engine for the
-(batch, sequence) they need from a static copy: `with static_graph(path, {"batch_size": b,
+(batch, sequence) they need from a static copy: `with onnx_graphs.static_graph(path, {"batch_size": b,
 "sequence_length": s}) as fixed: engine = deepsparse.Engine(str(fixed), batch_size=b, num_cores=n)`
 (axes of the encoder-decoder graphs: batch_size, encoder_sequence_length, decoder_sequence_length).
 With a dynamic sequence axis DeepSparse compiles nothing (fraction_of_supported_ops 0), and its own
@@ -35,9 +35,7 @@ compiles; the parity check against the unpatched PyTorch model confirms the grap
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +44,7 @@ import numpy as np
 
 from harness import load
 from harness.errors import HarnessError
+from harness.onnx_graphs import decoder_start, graph_files, graph_io, onnx_feeds, run_onnx
 from harness.prune import SPARSITY_FILE
 from harness.recipes import DEFAULT_RECIPE
 from harness.rundir import (MANIFEST, WEIGHT_SUFFIXES, RunDir, fingerprint, parse_level, read_json, require_free_space,
@@ -56,11 +55,6 @@ OPSET = 14
 GRAPH_REVISION = 2
 ONNX_SUBDIR = "onnx"
 EXPORT_FILE = "export.json"
-GRAPHS = {
-    "decoder": ("model.onnx",),
-    "encoder": ("model.onnx",),
-    "encoder-decoder": ("encoder_model.onnx", "decoder_model.onnx"),
-}
 ATOL, RTOL = 1e-4, 1e-4
 EXPORT_SIZE_FACTOR = 1.3  # ONNX + external data vs the checkpoint (a tied embedding is stored twice), with margin
 SAMPLE_TEXTS = (
@@ -68,11 +62,6 @@ SAMPLE_TEXTS = (
     "Short one.",
 )
 UNSUPPORTED_OP = re.compile(r"operator '?([\w:.]+)'?")
-
-
-def graph_files(architecture: str) -> tuple[str, ...]:
-    """The ONNX file names of an architecture, in run order (encoder before decoder)."""
-    return GRAPHS[architecture]
 
 
 def export_inputs(run: RunDir) -> str:
@@ -165,59 +154,6 @@ def _graph_summary(path: Path) -> dict:
     }
 
 
-def ort_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session (all graph optimisations; `threads` intra-op threads)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_feeds(input_names: list[str], values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Feeds for a graph's inputs from `values`, deriving position_ids and token_type_ids when the graph wants them."""
-    feeds = {}
-    for name in input_names:
-        if name in values:
-            feeds[name] = values[name]
-        elif name == "position_ids":
-            mask = values["attention_mask"]
-            feeds[name] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
-        elif name == "token_type_ids":
-            feeds[name] = np.zeros_like(values["input_ids"])
-        else:
-            raise HarnessError(f"the ONNX graph wants an input '{name}' the harness does not know how to fill")
-    return feeds
-
-
-@contextlib.contextmanager
-def static_graph(path: Path, dims: dict[str, int]) -> Iterator[Path]:
-    """A temporary copy of a graph with its symbolic axes (batch_size, sequence_length, ...) fixed from `dims`.
-
-    The copy sits beside the original so a graph with external data still finds it. Compile DeepSparse
-    from it: `deepsparse.Engine(str(copy), batch_size=b, num_cores=n)`; DeepSparse's own `input_shapes=`
-    override rewrites the ONNX file it is given in place, which would break the export for other engines.
-    """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for graph_input in model.graph.input:
-        for dim in graph_input.type.tensor_type.shape.dim:
-            if dim.dim_param:
-                if dim.dim_param not in dims:
-                    raise HarnessError(f"{path.name}: no size given for axis '{dim.dim_param}' of input {graph_input.name}")
-                dim.dim_value = dims[dim.dim_param]
-    fd, name = tempfile.mkstemp(prefix=f".static-{path.stem}-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, name)
-        yield Path(name)
-    finally:
-        os.unlink(name)
-
-
 def sample_batch(loaded: load.LoadedModel) -> dict[str, np.ndarray]:
     """The padded two-sentence batch used for parity (int64 input_ids and attention_mask)."""
     tokenizer = loaded.tokenizer
@@ -226,31 +162,6 @@ def sample_batch(loaded: load.LoadedModel) -> dict[str, np.ndarray]:
     batch = tokenizer(list(SAMPLE_TEXTS), padding=True, truncation=True, max_length=loaded.spec.seq_len,
                       return_tensors="np")
     return {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
-
-
-def run_onnx(onnx_dir: Path, architecture: str, values: dict[str, np.ndarray], sessions: dict | None = None) -> dict:
-    """Run the exported graph(s) on `values` with ONNX Runtime; returns {output name: array}
-    (encoder-decoder: both graphs' outputs; `values` then needs decoder_input_ids).
-    Pass `sessions` ({graph file: ort_session(...)}) to reuse sessions across calls."""
-    sessions = sessions or {name: ort_session(onnx_dir / name) for name in graph_files(architecture)}
-    outputs: dict[str, np.ndarray] = {}
-    for name in graph_files(architecture):
-        session = sessions[name]
-        graph_values = decoder_values(values, outputs["last_hidden_state"]) if name == "decoder_model.onnx" else values
-        feeds = onnx_feeds([i.name for i in session.get_inputs()], graph_values)
-        outputs.update(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-    return outputs
-
-
-def decoder_values(values: dict[str, np.ndarray], encoder_hidden_states: np.ndarray) -> dict[str, np.ndarray]:
-    """The decoder graph's inputs: decoder tokens, the encoder's output and the encoder's mask."""
-    return {"input_ids": values["decoder_input_ids"], "encoder_hidden_states": encoder_hidden_states,
-            "encoder_attention_mask": values["attention_mask"]}
-
-
-def decoder_start(config, batch_size: int) -> np.ndarray:
-    """One decoder start token per row: what a single decoder pass sees first."""
-    return np.full((batch_size, 1), config.decoder_start_token_id, dtype=np.int64)
 
 
 def check_parity(loaded: load.LoadedModel, onnx_dir: Path) -> dict:
@@ -283,14 +194,6 @@ def check_parity(loaded: load.LoadedModel, onnx_dir: Path) -> dict:
                            f"output {worst} differs by {diffs[worst]['max_abs_diff']:.3g} "
                            f"(tolerance {diffs[worst]['tolerance']:.3g})")
     return result
-
-
-def graph_io(path: Path) -> tuple[list[str], list[str]]:
-    """Input and output names of an ONNX graph, in graph order."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [i.name for i in graph.input], [o.name for o in graph.output]
 
 
 def _shape_zero_key(shape, zeros: int) -> tuple:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from harness import cli, export, load, sparsity
+from harness import cli, export, load, onnx_graphs, sparsity
 from harness.errors import HarnessError
 from harness.rundir import MANIFEST, MODEL_SUBDIR, RunDir, fingerprint, read_json, stage_run, staging_dir, write_json
 from conftest import RECIPE, write_run
@@ -55,7 +55,7 @@ def test_onnx_runtime_matches_pytorch_on_new_inputs(exported):
         values["decoder_input_ids"] = np.array([[2, 7, 9]] * 3, dtype=np.int64)
     with torch.no_grad():
         reference = loaded.model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
-    logits = export.run_onnx(onnx_dir, loaded.spec.architecture, values)["logits"]
+    logits = onnx_graphs.run_onnx(onnx_dir, loaded.spec.architecture, values)["logits"]
     assert logits.shape == reference.shape
     if loaded.spec.architecture == "decoder":  # padded positions carry no meaning (and differ in position ids)
         logits, reference = logits[mask == 1], reference[mask == 1]
@@ -101,7 +101,7 @@ def test_static_graph_fixes_axes_and_leaves_the_export_alone(exported):
     graph = onnx_dir / next(iter(EXPECTED_GRAPHS[run.model]))
     original = graph.read_bytes()
     dims = {"batch_size": 2, "sequence_length": 16, "encoder_sequence_length": 16, "decoder_sequence_length": 1}
-    with export.static_graph(graph, dims) as fixed:
+    with onnx_graphs.static_graph(graph, dims) as fixed:
         shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(fixed)).graph.input]
         assert all(shape[0] == 2 and all(shape) for shape in shapes)
     assert not fixed.exists() and graph.read_bytes() == original
@@ -114,7 +114,7 @@ def test_deepsparse_compiles_every_export(exported):
     run, onnx_dir = exported
     dims = {"batch_size": 1, "sequence_length": 16, "encoder_sequence_length": 16, "decoder_sequence_length": 1}
     for name in EXPECTED_GRAPHS[run.model]:
-        with export.static_graph(onnx_dir / name, dims) as fixed:
+        with onnx_graphs.static_graph(onnx_dir / name, dims) as fixed:
             assert compile_failure(fixed, 1) is None, (run.model, name)
 
 

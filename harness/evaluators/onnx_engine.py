@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from harness import export
+from harness import onnx_graphs
 from harness.errors import HarnessError
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
@@ -119,13 +119,13 @@ class FixedShapeModel:
     def run(self, values: dict[str, np.ndarray]) -> np.ndarray:
         """The graph's first output; its inputs are taken from `values` by name (position_ids and
         token_type_ids are derived when the graph wants them and `values` lacks them)."""
-        feeds = {name: np.ascontiguousarray(array) for name, array in export.onnx_feeds(self.input_names, values).items()}
+        feeds = {name: np.ascontiguousarray(array) for name, array in onnx_graphs.onnx_feeds(self.input_names, values).items()}
         if self.runtime == "deepsparse":
             engine = self._deepsparse_engine(feeds)
             if engine is not None:
                 return engine.run(list(feeds.values()))[0]
         if self._session is None:
-            self._session = export.ort_session(self.path)
+            self._session = onnx_graphs.ort_session(self.path)
         return self._session.run(None, feeds)[0]
 
     def _deepsparse_engine(self, feeds: dict[str, np.ndarray]):
@@ -134,7 +134,7 @@ class FixedShapeModel:
             dims = {axis: size for name, array in feeds.items() for axis, size in zip(self.axes[name], array.shape) if axis}
             batch_size = shapes[0][0]
             try:
-                with export.static_graph(self.path, dims) as static:
+                with onnx_graphs.static_graph(self.path, dims) as static:
                     self._engines[shapes] = deepsparse_engine(static, batch_size, self.num_cores, str(self.path))
             except RuntimeError as failure:
                 from tqdm import tqdm
