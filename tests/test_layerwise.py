@@ -1,0 +1,69 @@
+"""Sequential layer-wise calibration: every block is calibrated on exactly the inputs the pruned model
+before it produces, in every architecture (checked against a full forward pass of the final model)."""
+import pytest
+import torch
+
+from harness import layerwise, load, sparsity
+from harness.errors import HarnessError
+
+TEXTS = ("The quick brown fox jumps over the lazy dog, and then some more words follow.",
+         "Another sentence that is long enough to fill a few tokens.")
+
+
+def batches_for(loaded) -> list[dict]:
+    batches = [dict(loaded.tokenizer([text], return_tensors="pt", truncation=True, max_length=24)) for text in TEXTS]
+    if loaded.spec.architecture == "encoder-decoder":
+        for batch in batches:
+            batch["decoder_input_ids"] = batch["input_ids"][:, :6]
+    return batches
+
+
+def halve(model, names: list[str]) -> None:
+    """Zero the smaller half of each weight (a stand-in pruner)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            flat = params[name].view(-1)
+            flat[flat.abs().argsort()[:flat.numel() // 2]] = 0
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama", "tiny-deberta", "tiny-m2m100"])
+def test_each_block_is_calibrated_on_the_outputs_of_the_pruned_blocks_before_it(alias):
+    loaded = load.load_model(alias)
+    model, batches = loaded.model, batches_for(loaded)
+    targets = sparsity.prunable_names(model)
+    seen = {}
+
+    def calibrate_and_prune(block, run):
+        hidden = []
+        handle = block.module.register_forward_pre_hook(
+            lambda module, args, kwargs: hidden.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        run()
+        handle.remove()
+        seen[block.name] = hidden
+        halve(model, block.targets)
+
+    done = list(layerwise.sequential(model, targets, batches, calibrate_and_prune))
+    found = layerwise.blocks(model, targets)
+    assert done == [block.name for block in found] and len(done) >= 2
+    assert sorted(t for block in found for t in block.targets) == sorted(targets)
+    assert sparsity.zero_fraction(dict(model.named_parameters())[t] for t in targets) == pytest.approx(0.5, abs=0.01)
+    for block in found:  # what a full forward of the final (pruned) model feeds each block
+        direct = layerwise.capture(model, block, batches)
+        for calibrated, (args, kwargs) in zip(seen[block.name], direct.calls):
+            assert torch.allclose(calibrated, args[0] if args else kwargs["hidden_states"], atol=1e-5)
+
+
+def test_encoder_to_decoder_is_captured_again_not_chained():
+    loaded = load.load_model("tiny-m2m100")
+    found = layerwise.blocks(loaded.model, sparsity.prunable_names(loaded.model))
+    chained = layerwise.chained_transitions(loaded.model, found, batches_for(loaded)[0])
+    last_encoder = max(i for i, block in enumerate(found) if ".encoder." in block.name)
+    assert last_encoder not in chained
+    assert chained == set(range(len(found) - 1)) - {last_encoder}
+
+
+def test_targets_outside_every_block_are_refused():
+    loaded = load.load_model("tiny-gpt2")
+    with pytest.raises(HarnessError, match="lm_head.weight"):
+        layerwise.blocks(loaded.model, [*sparsity.prunable_names(loaded.model), "lm_head.weight"])
