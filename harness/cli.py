@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
 
+from harness import environment
 from harness.errors import HarnessError
 
 # subcommand -> (module, one-line help)
@@ -68,6 +68,7 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment.configure()  # before build_parser imports a stage module (and so SparseML, DeepSparse)
     argv = sys.argv[1:] if argv is None else argv
     stage = next((a for a in argv if not a.startswith("-")), None)
     try:
@@ -80,6 +81,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished work is kept, unfinished work was discarded", file=sys.stderr)
         return 130
     return 0
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -14,7 +14,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,9 +24,11 @@ import psutil
 
 from harness.errors import HarnessError
 from harness.layout import DERIVED_SUBDIRS, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, Record, read_record
+from harness.monitor import PeakMemory, stall_watch
 from harness.paths import runs_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+STAGING_NAME = re.compile(r"\.(?P<final>.+)\.(?:tmp|old)-(?P<pid>\d+)-.+")  # see staging_dir
 TRACKED_PACKAGES = (
     "torch", "transformers", "sparseml", "deepsparse", "neural-compressor", "onnx", "onnxruntime",
     "optimum", "optimum-onnx", "lm-eval", "compressed-tensors", "gguf", "numpy",
@@ -98,51 +99,6 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of a stage's inputs, to tell whether a finished stage is still current."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-class PeakMemory:
-    """Samples RSS in a background thread: `peak_mb` is this process's maximum, `children_peak_mb` the
-    maximum of its child processes together (the bench compiles and times DeepSparse in a child)."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self._process = psutil.Process()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.peak_bytes = self._process.memory_info().rss
-        self.children_peak_bytes = 0
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _children_rss(self) -> int:
-        total = 0
-        for child in self._process.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        return total
-
-    def _measure(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-        self.children_peak_bytes = max(self.children_peak_bytes, self._children_rss())
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._measure()
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._measure()
-
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak_bytes / 2**20, 1)
-
-    @property
-    def children_peak_mb(self) -> float:
-        return round(self.children_peak_bytes / 2**20, 1)
 
 
 @dataclass(frozen=True)
@@ -240,14 +196,14 @@ def record_stage(manifest_path: Path, stage: str, record: dict) -> None:
 
 @contextlib.contextmanager
 def stage_run(manifest_path: Path, stage: str, inputs_fingerprint: str, details: dict | None = None) -> Iterator[dict]:
-    """Time a stage, track its peak memory and record it in the manifest when it completes.
+    """Time a stage, track its peak memory, warn when it stalls, and record it in the manifest when it completes.
 
     The body may add entries to the yielded dict; they are stored in the stage's manifest record.
     Nothing is recorded if the body raises, so an interrupted stage is redone next time.
     """
     extra: dict = dict(details or {})
     start = time.time()
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, stall_watch(f"{stage} stage of {final_path(manifest_path.parent)}"):
         yield extra
     record_stage(manifest_path, stage, {
         "status": "done",
@@ -299,8 +255,13 @@ def staging_dir(final: Path) -> Iterator[Path]:
 def remove_orphaned_staging(final: Path) -> None:
     """Delete the staging directories of `final` whose process is gone (killed before it could clean up:
     each can hold a model-sized checkpoint or export)."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)-.+")
     for path in final.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not psutil.pid_exists(int(match.group(1))):
+        match = STAGING_NAME.fullmatch(path.name)
+        if match and match["final"] == final.name and path.is_dir() and not psutil.pid_exists(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def final_path(path: Path) -> Path:
+    """The directory that staging directory `path` becomes when its body completes; `path` if it is not one."""
+    match = STAGING_NAME.fullmatch(path.name)
+    return path.with_name(match["final"]) if match else path

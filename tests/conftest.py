@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from harness import load, sparsity
+from harness import environment, load, sparsity
 from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE
 from harness.rundir import RunDir, fingerprint, stage_run, staging_dir, write_json
 
@@ -14,6 +14,7 @@ def isolated_runs(tmp_path_factory):
     os.environ["HARNESS_RUNS"] = str(tmp_path_factory.mktemp("runs"))
     os.environ["HARNESS_REPORTS"] = str(tmp_path_factory.mktemp("reports"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    environment.configure()
     yield
 
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import AutoConfig
 
-from harness import cli, load
+from harness import cli, environment, load
 from harness.errors import HarnessError
 from harness.recipes import available, load_recipe, parse_overrides
 from harness.rundir import parse_level, read_json, stage_run, staging_dir, write_atomic
@@ -100,6 +100,22 @@ def test_unknown_model_lists_the_known_aliases(capsys):
 def test_bad_level_is_one_line(capsys):
     code, lines = run_cli(capsys, "prune", "--model", "tiny-gpt2", "--level", "100")
     assert code == 2 and lines == ["error: LEVEL must be in [0, 100) (percent of prunable weights set to zero), got '100'"]
+
+
+def test_the_cli_sets_the_library_environment_before_it_imports_a_stage(capsys, monkeypatch):
+    for name in environment.DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # a user's own setting stays
+    seen = {}
+    build_parser = cli.build_parser  # imports the stage's module, and so SparseML or DeepSparse
+
+    def recording_build_parser(stage=None):
+        seen.update({name: os.environ.get(name) for name in environment.DEFAULTS})
+        return build_parser(stage)
+
+    monkeypatch.setattr(cli, "build_parser", recording_build_parser)
+    assert run_cli(capsys, "recipes")[0] == 0
+    assert seen == {**environment.DEFAULTS, "TOKENIZERS_PARALLELISM": "true"}
 
 
 def test_hub_model_missing_offline_says_how_to_get_it(capsys, monkeypatch, tmp_path):
