@@ -8,15 +8,14 @@ import torch
 import transformers
 from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 
-from harness import bench, cli, export, load, sparsity
-from harness.evaluators import onnx_engine
+from harness import bench, child, cli, engines, export, flops, layout, load, sizes, sparsity, timing
 from harness.errors import HarnessError
 from harness.rundir import read_json
 from conftest import RECIPE, write_run
 
 # One thread: DeepSparse's spinning worker threads slow down badly when the CPU is shared (CI).
 SETTINGS = {"batch_sizes": [1, 2], "seq_len": 16, "threads": 1, "iterations": 3, "min_time_s": 0.0,
-            "max_iterations": 3, "warmup": 1, "engines": list(bench.ENGINES),
+            "max_iterations": 3, "warmup": 1, "engines": list(engines.ENGINES),
             "dense_timings": "alongside", "gzip_level": 6}
 
 
@@ -39,63 +38,65 @@ def test_flop_ideal_of_a_hand_computed_gpt2():
         for name in targets:
             weight = dict(model.named_parameters())[name].view(-1)
             weight[: weight.numel() // 2] = 0
-    ideal = bench.flop_ideal_for(model, "decoder", 4, targets)
-    assert ideal["macs_dense"] == 3840 and ideal["macs_sparse"] == 2304
-    assert ideal["speedup"] == pytest.approx(3840 / 2304, abs=1e-4)
-    assert ideal["prunable_share"] == pytest.approx(3072 / 3840, abs=1e-4)
-    assert ideal["other_linear_share"] == pytest.approx(512 / 3840, abs=1e-4)
-    assert ideal["other_matmul_share"] == pytest.approx(256 / 3840, abs=1e-4)
-    assert ideal["max_speedup"] == pytest.approx(3840 / 768, abs=1e-4)
+    ideal = flops.flop_ideal_for(model, "decoder", 4, targets)
+    assert ideal.macs_dense == 3840 and ideal.macs_sparse == 2304
+    assert ideal.speedup == pytest.approx(3840 / 2304, abs=1e-4)
+    assert ideal.prunable_share == pytest.approx(3072 / 3840, abs=1e-4)
+    assert ideal.other_linear_share == pytest.approx(512 / 3840, abs=1e-4)
+    assert ideal.other_matmul_share == pytest.approx(256 / 3840, abs=1e-4)
+    assert ideal.max_speedup == pytest.approx(3840 / 768, abs=1e-4)
 
 
 def test_bench_json_schema_and_sane_values(gpt2_bench):
     run, result = gpt2_bench
-    assert read_json(run.path / bench.BENCH_FILE) == result
+    assert run.read(layout.BENCH_FILE, layout.Bench) == result
+    stored = read_json(run.path / layout.BENCH_FILE)  # the format the report reads: shares by name, speedups flat
+    assert set(stored["flop_ideal"]["b1_s16"]) >= {"prunable_share", "other_linear_share", "other_matmul_share"}
+    assert set(stored["speedups"]["b1_s16"]) == {*engines.ENGINES, "headline", "efficiency"}
+    assert "reason" not in stored["engines"]["deepsparse"] and "parts" not in stored["results"]["pytorch"]["b1_s16"]
     assert run.stage_record("bench")["status"] == "done"
-    assert result["dense_run"] == str(write_run("tiny-gpt2", 0).path)
-    for engine in bench.ENGINES:
-        if result["engines"][engine]["status"] != "ok":
-            assert engine == "deepsparse" and result["warnings"]
-            continue
+    assert result.dense_run == str(write_run("tiny-gpt2", 0).path)
+    assert result.engines == {engine: layout.EngineStatus("ok", 1) for engine in engines.ENGINES}  # DeepSparse runs here
+    for engine in engines.ENGINES:
         for scenario, batch in (("b1_s16", 1), ("b2_s16", 2)):
-            for timings in (result["results"], result["dense_results"]):
-                timing = timings[engine][scenario]
-                assert timing["batch_size"] == batch and timing["threads"] == 1 and timing["iterations"] == 3
-                assert 0 < timing["median_ms"] <= timing["p90_ms"]
-                assert timing["items_per_s"] == pytest.approx(batch / timing["median_ms"] * 1000, rel=1e-3)
+            for timings in (result.results, result.dense_results):
+                entry = timings[engine][scenario]
+                assert entry.batch_size == batch and entry.threads == 1 and entry.iterations == 3
+                assert 0 < entry.median_ms <= entry.p90_ms
+                assert entry.items_per_s == pytest.approx(batch / entry.median_ms * 1000, rel=1e-3)
 
 
 def test_speedups_are_ratios_of_the_reported_medians(gpt2_bench):
     _, result = gpt2_bench
-    dense, sparse = result["dense_results"], result["results"]
-    for scenario, entry in result["speedups"].items():
-        ideal = result["flop_ideal"][scenario]["speedup"]
+    dense, sparse = result.dense_results, result.results
+    assert set(result.speedups) == {"b1_s16", "b2_s16"}
+    for scenario, entry in result.speedups.items():
+        ideal = result.flop_ideal[scenario].speedup
         assert 4 < ideal < 10  # 90 % of ~96 % of the MACs pruned
-        for engine in bench.ENGINES:
-            if scenario in sparse.get(engine, {}):
-                expected = dense[engine][scenario]["median_ms"] / sparse[engine][scenario]["median_ms"]
-                assert entry[engine] == pytest.approx(expected, rel=1e-3)
-                assert entry["efficiency"][engine] == pytest.approx(expected / ideal, rel=1e-3)
-        if sparse.get("deepsparse"):
-            expected = dense["onnxruntime"][scenario]["median_ms"] / sparse["deepsparse"][scenario]["median_ms"]
-            assert entry["headline"] == pytest.approx(expected, rel=1e-3)
+        for engine in engines.ENGINES:
+            expected = dense[engine][scenario].median_ms / sparse[engine][scenario].median_ms
+            assert entry.engines[engine] == pytest.approx(expected, rel=1e-3)
+            assert entry.efficiency[engine] == pytest.approx(expected / ideal, rel=1e-3)
+        expected = dense["onnxruntime"][scenario].median_ms / sparse["deepsparse"][scenario].median_ms
+        assert entry.headline == pytest.approx(expected, rel=1e-3)
+        assert entry.efficiency["headline"] == pytest.approx(expected / ideal, rel=1e-3)
 
 
 def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
     run, result = gpt2_bench
-    sizes = result["sizes"]
+    measured = result.sizes
     params = sum(t.numel() for _, t in sparsity.saved_tensors(run.model_dir))
-    assert sizes["params"] == params
-    for entry in sizes.values():
-        if isinstance(entry, dict):
-            assert entry["bits_per_weight"] == pytest.approx(8 * entry["bytes"] / params, abs=1e-3)
-    assert 31.9 < sizes["checkpoint"]["bits_per_weight"] < 33
-    assert sizes["sparse_bitmask"]["bytes"] < 0.25 * sizes["checkpoint"]["bytes"]  # 86 % of all weights are zero
-    assert sizes["checkpoint_gzip"]["bytes"] < sizes["checkpoint"]["bytes"]
+    assert measured.params == params
+    entries = [measured.checkpoint, measured.checkpoint_gzip, measured.onnx, measured.onnx_gzip, measured.sparse_bitmask]
+    for entry in entries:
+        assert entry.bits_per_weight == pytest.approx(8 * entry.bytes / params, abs=1e-3)
+    assert 31.9 < measured.checkpoint.bits_per_weight < 33
+    assert measured.sparse_bitmask.bytes < 0.25 * measured.checkpoint.bytes  # 86 % of all weights are zero
+    assert measured.checkpoint_gzip.bytes < measured.checkpoint.bytes
     dense = write_run("tiny-gpt2", 0)
-    dense_sizes = bench.sizes(dense, export.ensure_onnx(dense), "decoder")
-    assert dense_sizes["sparse_bitmask"]["bytes"] > dense_sizes["checkpoint"]["bytes"]  # no zeros: mask is pure overhead
-    compressed = run.path / bench.COMPRESSED_SUBDIR
+    dense_sizes = sizes.sizes(dense, export.ensure_onnx(dense), "decoder")
+    assert dense_sizes.sparse_bitmask.bytes > dense_sizes.checkpoint.bytes  # no zeros: mask is pure overhead
+    compressed = run.path / layout.COMPRESSED_SUBDIR
     assert read_json(compressed / "config.json")["compression_config"]["sparsity_config"]["format"] == "sparse-bitmask"
     original = dict(sparsity.saved_tensors(run.model_dir))
     restored = dict(BitmaskCompressor(config=None).decompress(str(compressed)))
@@ -106,8 +107,9 @@ def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
 def engine_in_child(monkeypatch, replacement: str) -> None:
     """Make the bench's DeepSparse child compile with `replacement` (Python source; os, signal and the real
     Engine in scope) instead of deepsparse.Engine."""
-    monkeypatch.setattr(bench, "DEEPSPARSE_CHILD", "import os, signal, deepsparse\nEngine = deepsparse.Engine\n"
-                        f"deepsparse.Engine = {replacement}\n" + bench.DEEPSPARSE_CHILD)
+    monkeypatch.setenv("NM_DISABLE_ANALYTICS", "1")  # deepsparse is imported here before the child's own line
+    monkeypatch.setattr(engines, "DEEPSPARSE_CHILD", "import os, signal, deepsparse\nEngine = deepsparse.Engine\n"
+                        f"deepsparse.Engine = {replacement}\n" + engines.DEEPSPARSE_CHILD)
 
 
 def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_bench, monkeypatch):
@@ -116,21 +118,21 @@ def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_be
                                  "if batch_size == 2 else Engine(path, batch_size=batch_size, num_cores=num_cores)")
     run, _ = gpt2_bench
     result = bench.bench(run, {**SETTINGS, "engines": ["deepsparse", "onnxruntime"]}, force=True)
-    assert list(result["results"]["deepsparse"]) == ["b1_s16"] and result["speedups"]["b1_s16"]["headline"] > 0
-    assert result["engines"]["deepsparse"]["status"] == "unavailable"
-    reason = result["engines"]["deepsparse"]["reason"]
+    assert list(result.results["deepsparse"]) == ["b1_s16"] and result.speedups["b1_s16"].headline > 0
+    assert result.engines["deepsparse"].status == "unavailable"
+    reason = result.engines["deepsparse"].reason
     assert reason.startswith("from b2_s16 on: ") and "killed while compiling model.onnx (sparse) (out of memory?)" in reason
-    assert set(result["results"]["onnxruntime"]) == {"b1_s16", "b2_s16"}
-    assert any(w.endswith("; onnxruntime results only there") for w in result["warnings"])
+    assert set(result.results["onnxruntime"]) == {"b1_s16", "b2_s16"}
+    assert any(w.endswith("; onnxruntime results only there") for w in result.warnings)
 
 
 def test_a_child_is_stopped_when_the_machine_runs_low_on_memory(monkeypatch):
-    assert onnx_engine.child_failure("print('compiled')") is None
+    assert child.child_failure("print('compiled')") is None
     # a threshold above the machine's memory stands in for a compile that has eaten it all
-    monkeypatch.setattr(onnx_engine, "MIN_AVAILABLE_BYTES", psutil.virtual_memory().total + 1)
-    monkeypatch.setattr(onnx_engine, "MEMORY_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(child, "MIN_AVAILABLE_BYTES", psutil.virtual_memory().total + 1)
+    monkeypatch.setattr(child, "MEMORY_POLL_SECONDS", 0.1)
     started = time.monotonic()
-    reason = onnx_engine.child_failure("import time; print('compiling model.onnx', flush=True); time.sleep(60)")
+    reason = child.child_failure("import time; print('compiling model.onnx', flush=True); time.sleep(60)")
     assert time.monotonic() - started < 30
     assert reason.startswith("stopped while compiling model.onnx: the machine was down to ")
 
@@ -138,12 +140,25 @@ def test_a_child_is_stopped_when_the_machine_runs_low_on_memory(monkeypatch):
 def test_a_sharded_bitmask_round_trips(gpt2_bench, monkeypatch):
     run, _ = gpt2_bench
     monkeypatch.setattr(load, "SHARD_BYTES", 20_000)  # a few tensors per shard
-    compressed = bench.write_bitmask(run)
+    compressed = sizes.write_bitmask(run)
     assert len(list(compressed.glob("model-*-of-*.safetensors"))) > 3
     original = dict(sparsity.saved_tensors(run.model_dir))
     restored = dict(BitmaskCompressor(config=None).decompress(str(compressed)))
     assert restored.keys() == original.keys()
     assert all(torch.equal(restored[name], original[name]) for name in original)
+
+
+def test_the_bench_leaves_torch_threads_as_it_found_them(gpt2_bench):
+    # an in-process sweep runs its later stages (eval) with the process's own setting
+    run, _ = gpt2_bench
+    before = torch.get_num_threads()
+    torch.set_num_threads(SETTINGS["threads"] + 2)
+    try:
+        result = bench.bench(run, {**SETTINGS, "batch_sizes": [1], "engines": ["pytorch"]}, force=True)
+        assert result.results["pytorch"]["b1_s16"].threads == SETTINGS["threads"]
+        assert torch.get_num_threads() == SETTINGS["threads"] + 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_encoder_decoder_reports_encoder_decoder_and_combined():
@@ -152,13 +167,13 @@ def test_encoder_decoder_reports_encoder_decoder_and_combined():
     settings = {**SETTINGS, "batch_sizes": [2], "engines": ["onnxruntime", "pytorch"]}
     result = bench.bench(run, settings)
     for engine in ("onnxruntime", "pytorch"):
-        timing = result["results"][engine]["b2_s16"]
-        assert set(timing["parts"]) == {"encoder", "decoder"}
-        assert timing["median_ms"] >= max(part["median_ms"] for part in timing["parts"].values()) > 0
-    ideal = result["flop_ideal"]["b2_s16"]
-    assert set(ideal["parts"]) == {"encoder", "decoder"}
-    assert ideal["macs_dense"] == pytest.approx(sum(p["macs_dense"] for p in ideal["parts"].values()))
-    assert all(2 < entry["speedup"] < 10 for entry in (ideal, *ideal["parts"].values()))
+        measured = result.results[engine]["b2_s16"]
+        assert set(measured.parts) == {"encoder", "decoder"}
+        assert measured.median_ms >= max(part.median_ms for part in measured.parts.values()) > 0
+    ideal = result.flop_ideal["b2_s16"]
+    assert set(ideal.parts) == {"encoder", "decoder"}
+    assert ideal.macs_dense == pytest.approx(sum(p.macs_dense for p in ideal.parts.values()))
+    assert all(2 < entry.speedup < 10 for entry in (ideal, *ideal.parts.values()))
 
 
 def test_cli_prints_the_table(gpt2_bench, capsys):
@@ -182,11 +197,11 @@ def test_deepsparse_failure_falls_back_with_a_warning(gpt2_bench, monkeypatch, f
         expected = "exit code -6 while compiling model.onnx (sparse)"
     settings = {**SETTINGS, "batch_sizes": [1], "engines": ["deepsparse", "onnxruntime"]}
     result = bench.bench(run, settings, force=True)
-    assert result["engines"]["deepsparse"]["status"] == "unavailable"
-    assert expected in result["engines"]["deepsparse"]["reason"]
-    assert any("DeepSparse unavailable" in w for w in result["warnings"])
-    assert result["results"]["onnxruntime"]["b1_s16"]["median_ms"] > 0
-    assert result["speedups"]["b1_s16"]["headline"] is None
+    assert result.engines["deepsparse"].status == "unavailable"
+    assert expected in result.engines["deepsparse"].reason
+    assert any("DeepSparse unavailable" in w for w in result.warnings)
+    assert result.results["onnxruntime"]["b1_s16"].median_ms > 0
+    assert result.speedups["b1_s16"].headline is None
 
 
 def test_missing_run_says_to_prune_first(capsys):
@@ -199,25 +214,26 @@ def test_a_busy_cpu_is_flagged():
     the harness's own previous stage)."""
     import subprocess
 
-    assert bench.busy_cpu_warning(0.1, threads=2) == []
-    started = bench.cpu_seconds()
+    assert timing.busy_cpu_warning(0.1, threads=2) == []
+    started = timing.cpu_seconds()
     other = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
     time.sleep(1.5)
-    load = bench.other_load(started)
+    others = timing.other_load(started)
     other.wait()
-    assert load > 0.5 and "unreliable" in bench.busy_cpu_warning(load, threads=2)[0]
+    assert others > 0.5 and "unreliable" in timing.busy_cpu_warning(others, threads=2)[0]
 
 
 def test_level0_dense_timings_are_reused_only_with_the_same_settings(gpt2_bench):
     run, _ = gpt2_bench
     settings = {**SETTINGS, "batch_sizes": [1], "engines": ["onnxruntime", "pytorch"], "dense_timings": "level0"}
     result = bench.bench(run, settings, force=True)
-    level0 = read_json(result["dense_run"] + "/bench.json")
-    assert result["dense_results"] == level0["results"] and level0["settings"] == settings
+    level0 = write_run("tiny-gpt2", 0).read(layout.BENCH_FILE, layout.Bench)
+    assert result.dense_run == str(write_run("tiny-gpt2", 0).path)
+    assert result.dense_results == level0.results and level0.settings == settings
     # as `make bench-shapes`: the sparse level times one engine, the headline uses level 0's ONNX Runtime
     fewer = bench.bench(run, {**settings, "engines": ["pytorch"]}, force=True)
-    assert list(fewer["results"]) == ["pytorch"] and fewer["dense_results"] == level0["results"]
-    assert fewer["speedups"]["b1_s16"]["pytorch"] > 0 and fewer["speedups"]["b1_s16"]["headline"] is None
+    assert list(fewer.results) == ["pytorch"] and fewer.dense_results == level0.results
+    assert fewer.speedups["b1_s16"].engines["pytorch"] > 0 and fewer.speedups["b1_s16"].headline is None
     with pytest.raises(HarnessError, match=r"other settings \(iterations\)"):
         bench.bench(run, {**settings, "iterations": 2}, force=True)
     with pytest.raises(HarnessError, match="without deepsparse"):

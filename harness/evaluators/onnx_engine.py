@@ -4,25 +4,18 @@ DeepSparse compiles an engine for one batch size and one set of input shapes, so
 inputs to fixed shapes (`pad_right`) and mask the padding. When DeepSparse cannot compile a graph,
 ONNX Runtime runs it instead and `runtime` says so. Some graphs (e.g. SmolLM2's Llama export) make
 DeepSparse's compiler abort the whole process rather than raise, so the first compile of each
-graph is tried in a child process (`child_failure`, which the bench also times DeepSparse in).
+graph is tried in a child process (`child.child_failure`).
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from harness import onnx_graphs
+from harness.child import child_failure
 from harness.errors import HarnessError
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-MIN_AVAILABLE_BYTES = 2**29  # below this the machine is thrashing, not computing
-MEMORY_POLL_SECONDS = 1.0
 COMPILE_PROBE = "import sys; from deepsparse import Engine; Engine(sys.argv[1], batch_size=int(sys.argv[2]), num_cores=1)"
 
 
@@ -36,41 +29,6 @@ def pad_right(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarr
         ids[i, :len(row)] = row
         mask[i, :len(row)] = 1
     return ids, mask
-
-
-def child_failure(code: str, *args: str) -> str | None:
-    """Run Python `code` in a child process (`args` as sys.argv[1:]): why it failed, or None if it exited
-    cleanly. The reason names what the child last printed to stdout ("while ...").
-
-    The child is stopped when the machine's available memory falls below MIN_AVAILABLE_BYTES: without
-    swap, the kernel first evicts the file pages every process runs from and the machine crawls for
-    many minutes before its OOM killer acts (DeepSparse compiling DeBERTa-v2-xxlarge at batch 16).
-    """
-    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    low_memory = None
-    while True:
-        try:
-            stdout, stderr = child.communicate(timeout=MEMORY_POLL_SECONDS)
-            break
-        except subprocess.TimeoutExpired:
-            available = psutil.virtual_memory().available
-            if available < MIN_AVAILABLE_BYTES and low_memory is None:
-                low_memory = available
-                child.kill()
-    if child.returncode == 0:
-        return None
-    doing = stdout.strip().splitlines()[-1:]
-    where = f" while {doing[0]}" if doing else ""
-    if low_memory is not None:
-        return (f"stopped{where}: the machine was down to {low_memory / 2**30:.1f} GiB of available memory "
-                f"(it needs more memory than this machine has)")
-    if child.returncode == -signal.SIGKILL:
-        return f"killed{where} (out of memory?)"
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    reason = next((line for line in lines if line.startswith(("Assertion", "RuntimeError", "ValueError"))),
-                  lines[-1] if lines else "")
-    return f"exit code {child.returncode}{where}: {reason[:160]}"
 
 
 def compile_failure(static_graph: Path, batch_size: int) -> str | None:
