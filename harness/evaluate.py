@@ -7,16 +7,13 @@ metrics; the exported ONNX on DeepSparse runs the same benchmark (decoders, thro
 sample of it (agreement with PyTorch's predictions). Level 0 is the dense baseline: its run is
 created on first use, and every other level records its difference to it.
 
-eval.json:
-    {"model", "recipe", "level", "limit", "engines", "baseline": {"path", "finished"} | null,
-     "benchmarks": {name: {"status": "done", "description", "evaluator", "data", "examples", "limit",
-                           "wall_time_s", "metrics": {metric: {"value", "stderr"}},
-                           "deepsparse": {...} (see harness/evaluators/__init__.py),
-                           "delta_vs_level0": {metric: value - level-0 value} | null}
-                    | {"status": "skipped", "reason": "..."}}}
+eval.json is a `layout.Evaluation`: one `layout.BenchmarkResult` per benchmark, either done (how it
+was run, the evaluator's `layout.Outcome`, and the metrics' difference to level 0) or skipped with
+the reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -24,21 +21,21 @@ from typing import Callable
 
 import yaml
 
-from harness import export, load
+from harness import export, layout, load
 from harness.errors import HarnessError
 from harness.evaluators import DataSource, EvalJob, classification, embeddings, language_modeling, translation
+from harness.layout import EVAL_FILE, EngineCheck, Evaluation, Outcome
 from harness.paths import EVALS_DIR, data_dir
-from harness.recipes import DEFAULT_RECIPE
-from harness.rundir import RunDir, fingerprint, level_name, read_json, stage_run, write_json
+from harness.rundir import RunDir, fingerprint, level_name, stage_run, write_json
+from harness.runargs import add_run_arguments, dense_baseline, run_from_args
 
 REGISTRY_FILE = EVALS_DIR / "benchmarks.yaml"
-EVAL_FILE = "eval.json"
 ENGINES = ("pytorch", "deepsparse")
 
 
 @dataclass(frozen=True)
 class Evaluator:
-    run: Callable[[EvalJob], dict]
+    run: Callable[[EvalJob], Outcome]
     model_classes: tuple[str, ...]  # transformers Auto classes it can evaluate
     needs: str  # what kind of model that is, for the error message
 
@@ -159,38 +156,28 @@ def plan(spec: load.ModelSpec, requested: list[str] | None) -> tuple[dict, dict]
     return runnable, skipped
 
 
-def _baseline(run: RunDir) -> dict | None:
-    """The level-0 run of the same model and recipe: its path, when it was evaluated and its eval.json."""
+def _baseline(run: RunDir) -> tuple[dict, Evaluation] | None:
+    """The level-0 run of the same model and recipe ({path, when it was evaluated}) and its eval.json."""
     baseline = RunDir(run.model, run.recipe, 0)
-    if run.level == 0 or not (baseline.path / EVAL_FILE).exists():
+    evaluation = None if run.level == 0 else layout.read_record(baseline.path / EVAL_FILE, Evaluation)
+    if evaluation is None:
         return None
-    return {"path": str(baseline.path), "finished": (baseline.stage_record("eval") or {}).get("finished"),
-            "document": read_json(baseline.path / EVAL_FILE)}
+    return {"path": str(baseline.path), "finished": (baseline.stage_record("eval") or {}).get("finished")}, evaluation
 
 
-def deltas(results: dict, baseline: dict) -> None:
+def deltas(results: dict[str, layout.BenchmarkResult], baseline: Evaluation) -> None:
     """Fill `delta_vs_level0` of each finished benchmark evaluated at level 0 with the same limit."""
     for name, result in results.items():
-        if result["status"] != "done":
+        if result.status != "done":
             continue
-        base = baseline["benchmarks"].get(name, {})
-        if base.get("status") == "done" and base.get("limit") == result["limit"]:
-            result["delta_vs_level0"] = {m: v["value"] - base["metrics"][m]["value"]
-                                         for m, v in result["metrics"].items() if m in base["metrics"]}
-
-
-def _ensure_run(run: RunDir) -> None:
-    """Level 0 is the dense baseline: create its run directory on first use; other levels must be pruned."""
-    if run.level == 0 and not run.exists():
-        from harness import prune
-
-        print(f"eval: creating the dense baseline run {run.path}")
-        prune.prune(run.model, 0, run.recipe)
-    run.require("prune")
+        base = baseline.benchmarks.get(name)
+        if base and base.status == "done" and base.limit == result.limit:
+            result.delta_vs_level0 = {m: v.value - base.metrics[m].value
+                                      for m, v in result.metrics.items() if m in base.metrics}
 
 
 def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engines=ENGINES,
-             force: bool = False, cores: int | None = None) -> dict:
+             force: bool = False, cores: int | None = None) -> Evaluation:
     """Evaluate a run on its benchmarks, write `<run>/eval.json` and return its content.
 
     `cores`: DeepSparse cores (None: all physical cores).
@@ -205,7 +192,9 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
     if unknown:
         raise HarnessError(f"LIMIT names {unknown[0]!r}, which is not among the benchmarks evaluated "
                            f"({', '.join([*runnable, *skipped])})")
-    _ensure_run(run)
+    if run.level == 0:
+        dense_baseline(run, "eval")
+    run.require("prune")
     registry = benchmark_registry()
     prune_record = run.stage_record("prune")
     graphs_revision = (export.OPSET, export.GRAPH_REVISION) if "deepsparse" in engines else None
@@ -213,10 +202,10 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
                          {name: [registry[name], {p: s.describe() for p, s in sources.items()}]
                           for name, sources in runnable.items()}, skipped)
     if not force and run.is_current("eval", inputs, [EVAL_FILE]):
-        document = read_json(run.path / EVAL_FILE)
+        evaluation = run.read(EVAL_FILE, Evaluation)
         print(f"eval: {run.path / EVAL_FILE} is up to date (use --force to redo)")
-        print(format_table(document))
-        return document
+        print(format_table(evaluation))
+        return evaluation
 
     loaded = load.load_model(str(run.path))
     reference = (lambda: loaded) if run.level == 0 else functools.lru_cache(maxsize=1)(lambda: load.load_model(spec))
@@ -230,24 +219,21 @@ def evaluate(run: RunDir, benchmarks: list[str] | None = None, limit=None, engin
             job = EvalJob(name, entry, sources, loaded, limit_for(limit, name), engines, onnx_dir, reference_model=reference,
                           engine_cores=cores, graphs=graphs)
             outcome = EVALUATORS[entry["evaluator"]].run(job)
-            results[name] = {"status": "done", "description": entry.get("description", ""),
-                             "evaluator": entry["evaluator"],
-                             "data": {part: source.describe() for part, source in sources.items()},
-                             "limit": limit_for(limit, name), "wall_time_s": round(time.time() - start, 2),
-                             **outcome, "delta_vs_level0": None}
-        results.update({name: {"status": "skipped", "reason": reason} for name, reason in skipped.items()})
-        baseline = _baseline(run)
-        if baseline:
-            deltas(results, baseline["document"])
-        document = {"model": spec.name, "recipe": run.recipe, "level": run.level, "limit": limit,
-                    "engines": list(engines),
-                    "baseline": {k: baseline[k] for k in ("path", "finished")} if baseline else None,
-                    "benchmarks": results}
-        write_json(run.path / EVAL_FILE, document)
-        record.update(benchmarks={name: r["status"] for name, r in results.items()}, limit=limit)
-    print(format_table(document))
+            results[name] = layout.BenchmarkResult(
+                "done", description=entry.get("description", ""), evaluator=entry["evaluator"],
+                data={part: source.describe() for part, source in sources.items()}, limit=limit_for(limit, name),
+                wall_time_s=round(time.time() - start, 2),
+                **{f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)})
+        results.update({name: layout.BenchmarkResult("skipped", reason) for name, reason in skipped.items()})
+        baseline, baseline_evaluation = _baseline(run) or (None, None)
+        if baseline_evaluation:
+            deltas(results, baseline_evaluation)
+        evaluation = Evaluation(spec.name, run.recipe, run.level, limit, list(engines), baseline, results)
+        write_json(run.path / EVAL_FILE, layout.to_json(evaluation))
+        record.update(benchmarks={name: r.status for name, r in results.items()}, limit=limit)
+    print(format_table(evaluation))
     print(f"eval: -> {run.path / EVAL_FILE}")
-    return document
+    return evaluation
 
 
 def _onnx_dir(run: RunDir):
@@ -261,42 +247,40 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
 
 
-def _engine_cell(engine: dict | None, metric: str) -> str:
+def _engine_cell(engine: EngineCheck | None, metric: str) -> str:
     if not engine:
         return ""
-    if "difference" in engine:
-        return f"{engine['runtime']} {engine['difference'][metric]:+.2e}"
-    if "agreement" in engine:
-        return f"{engine['runtime']} agree {engine['agreement']:.3f}/{engine['sample']}"
-    return f"{engine['runtime']} cos {engine['mean_cosine_vs_pytorch']:.5f}/{engine['sample']}"
+    if engine.difference is not None:
+        return f"{engine.runtime} {engine.difference[metric]:+.2e}"
+    if engine.agreement is not None:
+        return f"{engine.runtime} agree {engine.agreement:.3f}/{engine.sample}"
+    return f"{engine.runtime} cos {engine.mean_cosine_vs_pytorch:.5f}/{engine.sample}"
 
 
 def _limit_text(limit: int | dict) -> str:
     return ",".join(f"{k}={v}" if k != "*" else str(v) for k, v in limit.items()) if isinstance(limit, dict) else str(limit)
 
 
-def format_table(document: dict) -> str:
+def format_table(evaluation: Evaluation) -> str:
     """eval.json as a table: one row per benchmark metric."""
-    header = (f"{document['model']} {document['recipe']} level {level_name(document['level'])}"
-              f"{'' if document['limit'] is None else ' LIMIT ' + _limit_text(document['limit'])}")
+    header = (f"{evaluation.model} {evaluation.recipe} level {level_name(evaluation.level)}"
+              f"{'' if evaluation.limit is None else ' LIMIT ' + _limit_text(evaluation.limit)}")
     rows = [header, f"{'benchmark':<20} {'metric':<18} {'value':>10} {'stderr':>9} {'n':>6} "
                     f"{'vs level 0':>11} {'time s':>7}  deepsparse vs pytorch"]
-    for name, result in document["benchmarks"].items():
-        if result["status"] != "done":
-            rows.append(f"{name:<20} skipped: {result['reason']}")
+    for name, result in evaluation.benchmarks.items():
+        if result.status != "done":
+            rows.append(f"{name:<20} skipped: {result.reason}")
             continue
-        for metric, value in result["metrics"].items():
-            delta = (result.get("delta_vs_level0") or {}).get(metric)
-            rows.append(f"{name:<20} {metric:<18} {_number(value['value']):>10} {_number(value['stderr']):>9} "
-                        f"{result['examples']:>6} {'-' if delta is None else f'{delta:+.4g}':>11} "
-                        f"{result['wall_time_s']:>7.1f}  {_engine_cell(result.get('deepsparse'), metric)}")
+        for metric, value in result.metrics.items():
+            delta = (result.delta_vs_level0 or {}).get(metric)
+            rows.append(f"{name:<20} {metric:<18} {_number(value.value):>10} {_number(value.stderr):>9} "
+                        f"{result.examples:>6} {'-' if delta is None else f'{delta:+.4g}':>11} "
+                        f"{result.wall_time_s:>7.1f}  {_engine_cell(result.deepsparse, metric)}")
     return "\n".join(rows)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="registry alias (with --level/--recipe) or a run directory")
-    parser.add_argument("--level", default="0", help="sparsity level of the run, in percent (0 = dense baseline)")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe of the run (default {DEFAULT_RECIPE})")
+    add_run_arguments(parser)
     parser.add_argument("--benchmarks", help="comma-separated names from evals/benchmarks.yaml "
                                              "(default: the model's benchmarks in harness/models.yaml)")
     parser.add_argument("--limit", help="at most this many examples per benchmark (per language pair), or "
@@ -308,7 +292,5 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    from harness.export import run_from_args
-
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
     evaluate(run_from_args(args), benchmarks, args.limit, args.engines, args.force, args.cores)

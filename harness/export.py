@@ -44,17 +44,15 @@ import numpy as np
 
 from harness import load
 from harness.errors import HarnessError
+from harness.layout import EXPORT_FILE, ONNX_SUBDIR, SPARSITY_FILE, Sparsity
 from harness.onnx_graphs import decoder_start, graph_files, graph_io, onnx_feeds, run_onnx
-from harness.prune import SPARSITY_FILE
-from harness.recipes import DEFAULT_RECIPE
-from harness.rundir import (MANIFEST, WEIGHT_SUFFIXES, RunDir, fingerprint, parse_level, read_json, require_free_space,
-                            stage_run, staging_dir, write_json)
+from harness.rundir import (WEIGHT_SUFFIXES, RunDir, fingerprint, read_json, require_free_space, stage_run, staging_dir,
+                            write_json)
+from harness.runargs import add_run_arguments, run_from_args
 
 OPSET = 14
 # Bumped when the exported graphs change for the same checkpoint and opset (2: elementwise rotary).
 GRAPH_REVISION = 2
-ONNX_SUBDIR = "onnx"
-EXPORT_FILE = "export.json"
 ATOL, RTOL = 1e-4, 1e-4
 EXPORT_SIZE_FACTOR = 1.3  # ONNX + external data vs the checkpoint (a tied embedding is stored twice), with margin
 SAMPLE_TEXTS = (
@@ -208,7 +206,7 @@ def check_zeros(run: RunDir, onnx_dir: Path) -> dict:
 
     from harness.sparsity import match_saved_name, saved_tensors
 
-    prunable = set(read_json(run.path / SPARSITY_FILE)["prunable_tensors"])
+    prunable = set(run.read(SPARSITY_FILE, Sparsity).prunable_tensors)
     wanted: Counter = Counter()
     zeros = numel = 0
     for name, tensor in saved_tensors(run.model_dir):
@@ -238,23 +236,6 @@ def check_zeros(run: RunDir, onnx_dir: Path) -> dict:
         raise HarnessError(f"ONNX export of {run.path} lost zeros: {sum(missing.values())} of {result['tensors']} "
                            f"pruned tensors have no ONNX initializer with the same shape and zero count")
     return result
-
-
-def run_from_args(args) -> RunDir:
-    """The run directory named by --model/--level/--recipe (a registry alias or a run directory path)."""
-    model = args.model
-    path = Path(model).expanduser()
-    if (path / MANIFEST).exists():
-        manifest = read_json(path / MANIFEST)
-        return RunDir(manifest["model"], manifest["recipe"], float(manifest["level"]))
-    return RunDir(load.resolve_spec(model).name, args.recipe, parse_level(args.level))
-
-
-def add_run_arguments(parser) -> None:
-    """--model/--level/--recipe: the run directory a stage works on."""
-    parser.add_argument("--model", required=True, help="registry alias (with --level/--recipe) or a run directory")
-    parser.add_argument("--level", default="0", help="sparsity level of the run, in percent (0 = dense)")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe of the run (default {DEFAULT_RECIPE})")
 
 
 def add_arguments(parser) -> None:

@@ -30,11 +30,11 @@ DISCARDED_NOTE = "DISCARDED.txt"  # left in model/ when its weights were deleted
 SPARSITY_FILE = "sparsity.json"
 ANALYSIS_SUBDIR = "analysis"
 STRUCTURE_JSON = "structure.json"
-STRUCTURE_CSV = "tensors.csv"
+STRUCTURE_CSV = "structure.csv"
 SUMMARY_MD = "summary.md"
-HISTOGRAM_PNG = "histograms.png"
-BY_LAYER_PNG = "by_layer.png"
-HEATMAP_PNG = "heatmap.png"
+HISTOGRAM_PNG = "hist_log10_abs.png"
+BY_LAYER_PNG = "near_zero_by_layer.png"
+HEATMAP_PNG = "heatmap_layer_type.png"
 ANALYSIS_FILES = (STRUCTURE_JSON, STRUCTURE_CSV, SUMMARY_MD, HISTOGRAM_PNG, BY_LAYER_PNG, HEATMAP_PNG)
 ONNX_SUBDIR = "onnx"
 EXPORT_FILE = "export.json"  # inside onnx/
@@ -204,6 +204,7 @@ class Outcome:
     metrics: dict[str, Metric]
     deepsparse: EngineCheck | None = None
     max_length: int | None = None  # decoders: the context the lm-eval requests were cut to
+    folds: list[float] | None = None  # embedding probe: held-out accuracy of each cross-validation fold
 
 
 @dataclass
@@ -221,6 +222,7 @@ class BenchmarkResult:
     metrics: dict[str, Metric] | None = None
     deepsparse: EngineCheck | None = None
     max_length: int | None = None
+    folds: list[float] | None = None
     delta_vs_level0: dict[str, float] | None = None
 
 

@@ -13,8 +13,11 @@ import torch
 from matplotlib import image
 
 from harness import analyze, cli, load, sparsity
+from harness.layout import (ANALYSIS_SUBDIR, BY_LAYER_PNG, HEATMAP_PNG, HISTOGRAM_PNG, MANIFEST, MODEL_SUBDIR,
+                            SPARSITY_FILE, STRUCTURE_CSV, STRUCTURE_JSON, SUMMARY_MD)
 from harness.paths import runs_dir
-from harness.rundir import MANIFEST, MODEL_SUBDIR, RunDir, read_json, safe_name, stage_run, staging_dir, write_json
+from harness.rundir import RunDir, read_json, safe_name, stage_run, staging_dir, write_json
+from harness.structure import MODULE_TYPES, Thresholds, classify, tally_tensor
 
 # Largest planted magnitude each default measure includes (relative limits: 0.01 * std ~ 0.0064, 0.1 * std ~ 0.064).
 INCLUDED_UP_TO = {"zero": 0.0, "abs<0.0001": 2e-5, "abs<0.001": 2e-4, "abs<0.01": 2e-3, "abs<0.1": 2e-2,
@@ -76,7 +79,7 @@ def gpt2(tmp_path_factory):
     directory = tmp_path_factory.mktemp("planted-gpt2")
     planted_checkpoint("tiny-gpt2", {name: plants for name, *_, plants in GPT2_PLANTS}, directory)
     out = analyze.analyze(str(directory))
-    return directory, out, read_json(out / analyze.STRUCTURE_JSON)
+    return directory, out, read_json(out / STRUCTURE_JSON)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def m2m(tmp_path_factory):
     directory = tmp_path_factory.mktemp("planted-m2m100")
     planted_checkpoint("tiny-m2m100", {name: plants for name, _, plants in M2M_PLANTS}, directory)
     out = analyze.analyze(str(directory))
-    return directory, out, read_json(out / analyze.STRUCTURE_JSON)
+    return directory, out, read_json(out / STRUCTURE_JSON)
 
 
 def assert_groups_sum_to_overall(structure: dict) -> None:
@@ -177,7 +180,7 @@ def test_magnitude_statistics_match_numpy(gpt2):
 
 def test_csv_has_one_row_per_tensor_matching_the_json(gpt2):
     _, out, structure = gpt2
-    with open(out / analyze.STRUCTURE_CSV) as handle:
+    with open(out / STRUCTURE_CSV) as handle:
         rows = list(csv.DictReader(handle))
     assert [r["name"] for r in rows] == [t["name"] for t in structure["tensors"]]
     for row, tensor in zip(rows, structure["tensors"]):
@@ -189,16 +192,16 @@ def test_csv_has_one_row_per_tensor_matching_the_json(gpt2):
 
 def test_plots_and_summary_are_written(gpt2):
     _, out, structure = gpt2
-    for name in (analyze.HISTOGRAM_PNG, analyze.BY_LAYER_PNG, analyze.HEATMAP_PNG):
+    for name in (HISTOGRAM_PNG, BY_LAYER_PNG, HEATMAP_PNG):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = image.imread(path)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300
         assert pixels[..., :3].std() > 0.02, f"{name} is blank"
-    summary = (out / analyze.SUMMARY_MD).read_text()
-    assert "exact zero" in summary and "By layer" in summary and analyze.HEATMAP_PNG in summary
+    summary = (out / SUMMARY_MD).read_text()
+    assert "exact zero" in summary and "By layer" in summary and HEATMAP_PNG in summary
     assert f"{structure['overall']['all']['params']:,}" in summary
-    assert structure["peak_rss_mb"] > 0 and structure["wall_time_s"] >= 0
+    assert structure["peak_rss_mb"] > 0 and f"in {structure['wall_time_s']} s, peak memory" in summary
 
 
 def test_encoder_decoder_and_cross_attention_split(m2m):
@@ -251,7 +254,7 @@ def test_encoder_decoder_and_cross_attention_split(m2m):
     ("transformer.h.0.attn.c_attn.bias", "bias"),  # GPT-2
 ])
 def test_module_type_table(name, module_type):
-    assert analyze.classify(analyze.MODULE_TYPES, name) == module_type
+    assert classify(MODULE_TYPES, name) == module_type
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -261,7 +264,7 @@ def test_threshold_comparisons_are_exact_at_the_boundary(dtype):
     values = torch.stack([below, torch.nextafter(below, torch.tensor(1.0, dtype=dtype)),
                           torch.nextafter(below, torch.tensor(0.0, dtype=dtype)), torch.tensor(0.1, dtype=dtype),
                           torch.tensor(-0.0, dtype=dtype), torch.tensor(3.0, dtype=dtype)])
-    tally = analyze.tally_tensor("t", values, analyze.Thresholds((1e-4, 0.1), ()))
+    tally = tally_tensor("t", values, Thresholds((1e-4, 0.1), ()))
     exact = [float(v) for v in values.float()]  # every 16/32-bit value is exact in float64
     assert tally.counts["abs<0.0001"] == sum(abs(v) < 1e-4 for v in exact)
     assert tally.counts["abs<0.1"] == sum(abs(v) < 0.1 for v in exact)
@@ -285,7 +288,7 @@ def pruned_run(tmp_path_factory):
                     flat = parameters[name].view(-1)
                     flat[flat.abs().argsort()[:flat.numel() // 2]] = 0
             model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True)
-            write_json(tmp / "sparsity.json", sparsity.measure(tmp / MODEL_SUBDIR, targets, 50))
+            write_json(tmp / SPARSITY_FILE, sparsity.measure(tmp / MODEL_SUBDIR, targets, 50))
     expected_zeros = sum(parameters[name].numel() // 2 for name in targets)
     return run, expected_zeros
 
@@ -293,9 +296,9 @@ def pruned_run(tmp_path_factory):
 def test_run_directory_shows_achieved_vs_target(pruned_run):
     run, expected_zeros = pruned_run
     out = analyze.analyze(str(run.path))
-    assert out == run.path / analyze.ANALYSIS_SUBDIR
-    structure = read_json(out / analyze.STRUCTURE_JSON)
-    measured = read_json(run.path / "sparsity.json")
+    assert out == run.path / ANALYSIS_SUBDIR
+    structure = read_json(out / STRUCTURE_JSON)
+    measured = read_json(run.path / SPARSITY_FILE)
     prunable = structure["overall"]["prunable"]
     assert prunable["counts"]["zero"] == expected_zeros
     assert structure["run"]["target_fraction"] == 0.5
@@ -304,13 +307,14 @@ def test_run_directory_shows_achieved_vs_target(pruned_run):
         assert structure["by_layer"][layer]["prunable"]["fractions"]["zero"] == pytest.approx(percent / 100, abs=1e-6)
     record = run.stage_record("analyze")
     assert record["status"] == "done" and record["peak_rss_mb"] > 0
+    assert 0 < structure["wall_time_s"] <= record["wall_time_s"]  # the measuring is timed within the stage
     assert all((run.path / name).exists() for name in record["outputs"])
-    assert "achieved" in (out / analyze.SUMMARY_MD).read_text()
+    assert "achieved" in (out / SUMMARY_MD).read_text()
 
     # the same run addressed as --model/--recipe/--level is up to date and is not rewritten
-    before = (out / analyze.STRUCTURE_JSON).stat().st_mtime_ns
+    before = (out / STRUCTURE_JSON).stat().st_mtime_ns
     assert cli.main(["analyze", "--model", "tiny-gpt2", "--recipe", "test/planted", "--level", "50"]) == 0
-    assert (out / analyze.STRUCTURE_JSON).stat().st_mtime_ns == before
+    assert (out / STRUCTURE_JSON).stat().st_mtime_ns == before
 
 
 def _one_line_error(capsys, argv: list[str], expected: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
-from harness import cli, evaluate, load
+from harness import cli, evaluate, layout, load
 from harness.errors import HarnessError
 from harness.evaluators import DataSource, EvalJob, accuracy, language_modeling
 from harness.evaluators.classification import head_labels
@@ -17,8 +17,10 @@ from harness.evaluators.deepsparse_lm import OnnxDecoderLM
 from harness.evaluators.embeddings import probe_fold_accuracies
 from harness.evaluators.translation import corpus_scores
 from harness.export import ensure_onnx
+from harness.layout import EVAL_FILE, BenchmarkResult, Evaluation, Metric
 from harness.recipes import DEFAULT_RECIPE
 from harness.rundir import RunDir, read_json
+from harness.runargs import dense_baseline
 
 ARTICLES = (" = First Article = \n \n The cat sat on the mat . \n \n = = A section = = \n \n It was 4 @,@ 000 "
             "years old . \n \n = Second Article = \n \n Dogs bark , cats do not . \n")
@@ -41,8 +43,8 @@ def job_for(name, loaded=None, data=None, limit=None, engines=("pytorch",), onnx
 
 def test_accuracy_of_a_fixed_prediction_list():
     result = accuracy(["a", "b", "a", "a"], ["a", "b", "b", "a"])
-    assert result["value"] == 0.75
-    assert result["stderr"] == pytest.approx(0.25)  # sample std 0.5 over sqrt(4)
+    assert result.value == 0.75
+    assert result.stderr == pytest.approx(0.25)  # sample std 0.5 over sqrt(4)
     with pytest.raises(ValueError):
         accuracy(["a"], ["a", "b"])
 
@@ -50,11 +52,11 @@ def test_accuracy_of_a_fixed_prediction_list():
 def test_bleu_and_chrf_of_identical_and_disjoint_strings():
     references = ["the cat sat on the mat", "dogs bark loudly at night"]
     same = corpus_scores(references, references, "en")
-    assert same["bleu"]["value"] == pytest.approx(100) and same["chrf"]["value"] == pytest.approx(100)
+    assert same["bleu"].value == pytest.approx(100) and same["chrf"].value == pytest.approx(100)
     disjoint = corpus_scores(["xyz qqq", "vvv www"], references, "en")
-    assert disjoint["bleu"]["value"] == 0 and disjoint["chrf"]["value"] == 0
+    assert disjoint["bleu"].value == 0 and disjoint["chrf"].value == 0
     with_stderr = corpus_scores(["the cat sat on a mat", "dogs bark at night"] * 10, references * 10, "en", 200)
-    assert 0 < with_stderr["bleu"]["value"] < 100 and with_stderr["bleu"]["stderr"] >= 0
+    assert 0 < with_stderr["bleu"].value < 100 and with_stderr["bleu"].stderr >= 0
 
 
 def test_mnli_head_answers_rte_with_neutral_and_contradiction_as_not_entailment():
@@ -120,8 +122,8 @@ def test_word_perplexity_of_a_uniform_model_is_known(tmp_path):
     words = sum(len(re.split(r"\s+", page)) for page in pages)
     original_bytes = sum(len(page.encode()) for page in pages)
     assert examples == 2
-    assert metrics["word_perplexity"]["value"] == pytest.approx(math.exp(tokens * math.log(260) / words), rel=1e-9)
-    assert metrics["bits_per_byte"]["value"] == pytest.approx(tokens * math.log2(260) / original_bytes, rel=1e-9)
+    assert metrics["word_perplexity"].value == pytest.approx(math.exp(tokens * math.log(260) / words), rel=1e-9)
+    assert metrics["bits_per_byte"].value == pytest.approx(tokens * math.log2(260) / original_bytes, rel=1e-9)
     assert lm.calls == sum(math.ceil(len(wikitext_detokenizer({"page": p}).encode()) / 16) for p in pages)
 
 
@@ -134,8 +136,8 @@ def test_lambada_perplexity_and_accuracy_of_a_uniform_model_are_known():
         texts = [json.loads(next(handle))["text"] for _ in range(5)]
     target_tokens = [len((" " + text.split(" ")[-1]).encode()) for text in texts]
     assert examples == 5
-    assert metrics["perplexity"]["value"] == pytest.approx(math.exp(np.mean(target_tokens) * math.log(260)))
-    assert metrics["acc"]["value"] == 0.0  # argmax of a flat distribution is token 0, never the target
+    assert metrics["perplexity"].value == pytest.approx(math.exp(np.mean(target_tokens) * math.log(260)))
+    assert metrics["acc"].value == 0.0  # argmax of a flat distribution is token 0, never the target
 
 
 # --- PyTorch vs DeepSparse ---------------------------------------------------------------------------
@@ -143,8 +145,7 @@ def test_lambada_perplexity_and_accuracy_of_a_uniform_model_are_known():
 @pytest.fixture(scope="module")
 def gpt2_baseline():
     """The dense tiny-gpt2 run (level 0) and its ONNX export."""
-    run = RunDir("tiny-gpt2", DEFAULT_RECIPE, 0)
-    evaluate._ensure_run(run)
+    run = dense_baseline(RunDir("tiny-gpt2", DEFAULT_RECIPE, 0), "eval")
     return run, ensure_onnx(run)
 
 
@@ -184,7 +185,7 @@ def test_decoder_eval_runs_lm_eval_on_pytorch_and_deepsparse(gpt2_baseline, caps
     code, errors, out = run_cli(capsys, "eval", "--model", "tiny-gpt2", "--level", "0", "--benchmarks",
                                 "lambada_openai", "--limit", "3", "--cores", "1")
     assert code == 0, errors
-    results = check_document(read_json(run.path / evaluate.EVAL_FILE), "tiny-gpt2", ["lambada_openai"], 3)
+    results = check_document(read_json(run.path / EVAL_FILE), "tiny-gpt2", ["lambada_openai"], 3)
     lambada = results["lambada_openai"]
     assert lambada["examples"] == 3 and lambada["metrics"]["perplexity"]["stderr"] is not None
     assert abs(lambada["deepsparse"]["difference"]["perplexity"]) <= 1e-3 * lambada["metrics"]["perplexity"]["value"]
@@ -204,17 +205,23 @@ def test_decoder_eval_runs_lm_eval_on_pytorch_and_deepsparse(gpt2_baseline, caps
 def test_each_evaluator_writes_a_well_formed_eval_json(model, names, limit, monkeypatch):
     for name in ("flores200", "wmt14"):  # the random tiny model never stops: keep its translations short
         monkeypatch.setitem(evaluate.benchmark_registry()[name], "max_new_tokens", 12)
-    document = evaluate.evaluate(RunDir(model, DEFAULT_RECIPE, 0), limit=limit, cores=1)
-    assert document == read_json(RunDir(model, DEFAULT_RECIPE, 0).path / evaluate.EVAL_FILE)
+    evaluation = evaluate.evaluate(RunDir(model, DEFAULT_RECIPE, 0), limit=limit, cores=1)
+    document = read_json(RunDir(model, DEFAULT_RECIPE, 0).path / EVAL_FILE)
+    assert layout.to_json(evaluation) == document
     if model == "tiny-deberta":  # no MNLI file offline: the default benchmark is skipped with its reason
         assert document["benchmarks"]["mnli_matched"]["status"] == "skipped"
         assert "dev_matched.tsv" in document["benchmarks"]["mnli_matched"]["reason"]
         names = ["rte"]
     results = check_document({**document, "benchmarks": {n: document["benchmarks"][n] for n in names}},
                              model, names, limit)
-    for result in results.values():
+    for name, result in results.items():
         engine = result["deepsparse"]
-        assert 0 <= engine.get("agreement", 1) <= 1
+        assert engine["sample"] == result["examples"] and engine["wall_time_s"] > 0  # every example fits the sample
+        if name == "embedding_fidelity":
+            assert "agreement" not in engine
+        else:  # the share of the sample on which the engine predicts what PyTorch does
+            agreeing = engine["agreement"] * engine["sample"]
+            assert 0 <= engine["agreement"] <= 1 and agreeing == pytest.approx(round(agreeing))
     if model == "tiny-deberta":
         assert results["rte"]["examples"] == limit and results["rte"]["deepsparse"]["agreement"] == 1.0
     if model == "tiny-m2m100":
@@ -225,6 +232,7 @@ def test_each_evaluator_writes_a_well_formed_eval_json(model, names, limit, monk
         # level 0 is the dense model itself
         assert results["embedding_fidelity"]["metrics"]["mean_cosine"]["value"] == pytest.approx(1.0, abs=1e-6)
         assert results["embedding_fidelity"]["deepsparse"]["mean_cosine_vs_pytorch"] > 0.999
+        assert results["sst2_probe"]["deepsparse"]["mean_cosine_vs_pytorch"] > 0.999
 
 
 def test_engine_lengths_are_power_of_two_buckets_up_to_the_context():
@@ -243,13 +251,16 @@ def test_limit_per_benchmark():
 
 
 def test_delta_to_the_level_0_baseline():
-    results = {"rte": {"status": "done", "metrics": {"accuracy": {"value": 0.5, "stderr": 0.1}}, "limit": 8},
-               "wmt14": {"status": "done", "metrics": {"en-de/bleu": {"value": 1.0, "stderr": None}}, "limit": 8}}
-    baseline = {"benchmarks": {"rte": {"status": "done", "limit": 8, "metrics": {"accuracy": {"value": 0.625}}},
-                               "wmt14": {"status": "done", "limit": 4, "metrics": {"en-de/bleu": {"value": 2.0}}}}}
+    results = {"rte": BenchmarkResult("done", limit=8, metrics={"accuracy": Metric(0.5, 0.1)}),
+               "wmt14": BenchmarkResult("done", limit=8, metrics={"en-de/bleu": Metric(1.0)}),
+               "mnli_matched": BenchmarkResult("skipped", "no data")}
+    baseline = Evaluation("tiny-deberta", DEFAULT_RECIPE, 0.0, 8, ["pytorch"], None, {
+        "rte": BenchmarkResult("done", limit=8, metrics={"accuracy": Metric(0.625)}),
+        "wmt14": BenchmarkResult("done", limit=4, metrics={"en-de/bleu": Metric(2.0)})})
     evaluate.deltas(results, baseline)
-    assert results["rte"]["delta_vs_level0"] == {"accuracy": -0.125}
-    assert "delta_vs_level0" not in results["wmt14"]  # evaluated on other examples: not comparable
+    assert results["rte"].delta_vs_level0 == {"accuracy": -0.125}
+    assert results["wmt14"].delta_vs_level0 is None  # evaluated on other examples: not comparable
+    assert results["mnli_matched"].delta_vs_level0 is None
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------------

@@ -7,7 +7,8 @@ from onnx import numpy_helper
 
 from harness import cli, export, load, onnx_graphs, sparsity
 from harness.errors import HarnessError
-from harness.rundir import MANIFEST, MODEL_SUBDIR, RunDir, fingerprint, read_json, stage_run, staging_dir, write_json
+from harness.layout import EXPORT_FILE, ONNX_SUBDIR
+from harness.rundir import read_json
 from conftest import RECIPE, write_run
 
 def onnx_zero_counts(onnx_dir) -> list[int]:
@@ -32,7 +33,7 @@ def exported(request):
 
 def test_export_writes_the_documented_graphs_and_records_the_stage(exported):
     run, onnx_dir = exported
-    summary = read_json(onnx_dir / export.EXPORT_FILE)
+    summary = read_json(onnx_dir / EXPORT_FILE)
     expected = EXPECTED_GRAPHS[run.model]
     assert {name: (g["inputs"], g["outputs"]) for name, g in summary["graphs"].items()} == {
         name: (inputs, outputs) for name, (inputs, outputs) in expected.items()}
@@ -65,7 +66,7 @@ def test_onnx_runtime_matches_pytorch_on_new_inputs(exported):
 def test_zeros_survive_export(exported):
     run, onnx_dir = exported
     measured = read_json(run.path / "sparsity.json")
-    zeros = read_json(onnx_dir / export.EXPORT_FILE)["zeros"]
+    zeros = read_json(onnx_dir / EXPORT_FILE)["zeros"]
     assert zeros["onnx_percent"] == zeros["checkpoint_percent"] == pytest.approx(measured["achieved_percent"], abs=1e-3)
     assert zeros["tensors_matched"] == zeros["tensors"] == len(measured["prunable_tensors"])
     pruned_zeros = sum(int((t == 0).sum()) for name, t in sparsity.saved_tensors(run.model_dir)
@@ -127,7 +128,7 @@ def test_too_little_disk_is_one_line_before_any_writing(monkeypatch, capsys):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     assert cli.main(["export", "--model", "tiny-gpt2", "--level", "50", "--recipe", RECIPE, "--force"]) == 2
     assert "not enough disk space for the ONNX export" in capsys.readouterr().err
-    assert not (run.path / export.ONNX_SUBDIR).exists()
+    assert not (run.path / ONNX_SUBDIR).exists()
 
 
 def test_missing_run_says_to_prune_first(capsys):

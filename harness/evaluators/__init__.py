@@ -1,14 +1,12 @@
-"""Evaluators: one module per kind of benchmark, each exposing `evaluate(job) -> dict`.
+"""Evaluators: one module per kind of benchmark, each exposing `evaluate(job) -> layout.Outcome`.
 
 `harness.evaluate` resolves a benchmark's data (`DataSource`), loads the run's model and hands both
-to the evaluator in an `EvalJob`. An evaluator returns
-
-    {"examples": n, "metrics": {name: {"value": v, "stderr": s or None}},      # PyTorch
-     "deepsparse": {"runtime": "deepsparse" (or "onnxruntime" if DeepSparse could not compile the graph),
-                    "wall_time_s": ..., and
-                    "metrics" + "difference" (decoders: the same benchmark on the engine, engine - PyTorch) or
-                    "agreement" + "sample" (others: share of a sample predicted as PyTorch does) and/or
-                    "mean_cosine_vs_pytorch" + "sample" (embeddings)}}
+to the evaluator in an `EvalJob`. An evaluator returns a `layout.Outcome`: the examples scored, the
+PyTorch metrics (`layout.Metric`), and, when DeepSparse is among the engines, a `layout.EngineCheck`
+of the deployed graph: its runtime ("deepsparse", or "onnxruntime" if DeepSparse could not compile
+the graph), and either its own metrics and their difference to PyTorch's (decoders: the same
+benchmark on the engine), or on a sample the share predicted as PyTorch does (`agreement`) and/or
+the embeddings' cosine to PyTorch's (`mean_cosine_vs_pytorch`).
 
 This module holds what they share: the job, data readers and metric helpers.
 """
@@ -23,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.layout import EngineCheck, Metric
 
 
 @dataclass(frozen=True)
@@ -75,18 +74,18 @@ class EvalJob:
 
 # --- metrics ---------------------------------------------------------------------------------------
 
-def metric(value: float, stderr: float | None = None) -> dict:
-    return {"value": float(value), "stderr": None if stderr is None or math.isnan(stderr) else float(stderr)}
+def metric(value: float, stderr: float | None = None) -> Metric:
+    return Metric(float(value), None if stderr is None or math.isnan(stderr) else float(stderr))
 
 
-def mean_metric(values) -> dict:
+def mean_metric(values) -> Metric:
     """Mean of per-example (or per-fold) values, with the standard error of the mean."""
     values = np.asarray(values, dtype=np.float64)
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
     return metric(values.mean(), stderr)
 
 
-def accuracy(predictions: list, references: list) -> dict:
+def accuracy(predictions: list, references: list) -> Metric:
     """Fraction of predictions equal to their reference, with its standard error."""
     if len(predictions) != len(references) or not references:
         raise ValueError(f"accuracy needs equally many predictions and references, got "
@@ -94,10 +93,10 @@ def accuracy(predictions: list, references: list) -> dict:
     return mean_metric([p == r for p, r in zip(predictions, references)])
 
 
-def agreement(engine_predictions: list, pytorch_predictions: list, runtime: str, seconds: float) -> dict:
-    """The `deepsparse` entry of a non-decoder benchmark: how often the engine predicts what PyTorch does."""
+def agreement(engine_predictions: list, pytorch_predictions: list, runtime: str, seconds: float) -> EngineCheck:
+    """The engine check of a non-decoder benchmark: how often the engine predicts what PyTorch does."""
     rate = float(np.mean([e == p for e, p in zip(engine_predictions, pytorch_predictions)]))
-    return {"runtime": runtime, "agreement": rate, "sample": len(pytorch_predictions), "wall_time_s": round(seconds, 2)}
+    return EngineCheck(runtime, round(seconds, 2), sample=len(pytorch_predictions), agreement=rate)
 
 
 # --- data ------------------------------------------------------------------------------------------

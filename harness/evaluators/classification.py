@@ -11,6 +11,7 @@ import time
 from harness.errors import HarnessError
 from harness.evaluators import (EvalJob, accuracy, agreement, engine_outputs, label_index, pytorch_outputs,
                                 table)
+from harness.layout import Outcome
 
 
 def head_labels(id2label: dict, label_map: dict, model_name: str) -> list[str]:
@@ -25,7 +26,7 @@ def head_labels(id2label: dict, label_map: dict, model_name: str) -> list[str]:
     return mapped
 
 
-def evaluate(job: EvalJob) -> dict:
+def evaluate(job: EvalJob) -> Outcome:
     """Accuracy of the head's predictions; on DeepSparse, how often the predicted class matches PyTorch's."""
     config = job.config
     texts, raw_labels = table(job.source, config["columns"], config["label_column"], job.limit)
@@ -36,14 +37,13 @@ def evaluate(job: EvalJob) -> dict:
     logits = pytorch_outputs(job.loaded, texts, config.get("batch_size", 16),
                              lambda outputs, _: outputs.logits, desc=f"{job.benchmark} (PyTorch)")
     predicted = logits.argmax(axis=-1)
-    result = {"examples": len(texts),
-              "metrics": {"accuracy": accuracy([classes[i] for i in predicted], references)}}
+    outcome = Outcome(len(texts), {"accuracy": accuracy([classes[i] for i in predicted], references)})
     if "deepsparse" in job.engines:
         start = time.time()
         graph = job.engine("model.onnx")
         sample = texts[:config.get("engine_sample", 64)]
         engine_logits = engine_outputs(graph, job.loaded.tokenizer, sample, job.spec.seq_len,
                                        lambda output, _: output, desc=f"{job.benchmark} ({graph.runtime})")
-        result["deepsparse"] = agreement(list(engine_logits.argmax(axis=-1)), list(predicted[:len(sample)]),
-                                         graph.runtime, time.time() - start)
-    return result
+        outcome.deepsparse = agreement(list(engine_logits.argmax(axis=-1)), list(predicted[:len(sample)]),
+                                       graph.runtime, time.time() - start)
+    return outcome

@@ -16,6 +16,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.evaluators import EvalJob, agreement, engine_outputs, label_index, mean_metric, pytorch_outputs, table
+from harness.layout import EngineCheck, Outcome
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -70,7 +71,7 @@ def _engine_embeddings(job: EvalJob, texts: list[tuple[str]]) -> tuple[np.ndarra
     return embeddings, graph.runtime
 
 
-def evaluate_probe(job: EvalJob) -> dict:
+def evaluate_probe(job: EvalJob) -> Outcome:
     """SST-2-style probe accuracy; on DeepSparse, agreement of the probe's predictions on a sample."""
     config = job.config
     texts, raw_labels = table(job.source, config["columns"], config["label_column"], job.limit)
@@ -78,32 +79,31 @@ def evaluate_probe(job: EvalJob) -> dict:
     embeddings = embed(job.loaded, texts, config.get("batch_size", 32), f"{job.benchmark} (PyTorch)")
     regularization, seed = config["C"], config["seed"]
     folds = probe_fold_accuracies(embeddings, labels, config["folds"], seed, regularization)
-    result = {"examples": len(texts), "folds": folds, "metrics": {"accuracy": mean_metric(folds)}}
+    outcome = Outcome(len(texts), {"accuracy": mean_metric(folds)}, folds=folds)
     if "deepsparse" in job.engines:
         start = time.time()
         sample = texts[:config.get("engine_sample", 128)]
         engine_embeddings, runtime = _engine_embeddings(job, sample)
         fitted = probe(regularization, seed).fit(embeddings, labels)
-        result["deepsparse"] = agreement(list(fitted.predict(engine_embeddings)),
-                                         list(fitted.predict(embeddings[:len(sample)])), runtime, time.time() - start)
-        result["deepsparse"]["mean_cosine_vs_pytorch"] = float((engine_embeddings * embeddings[:len(sample)]).sum(1).mean())
-    return result
+        outcome.deepsparse = agreement(list(fitted.predict(engine_embeddings)),
+                                       list(fitted.predict(embeddings[:len(sample)])), runtime, time.time() - start)
+        outcome.deepsparse.mean_cosine_vs_pytorch = float((engine_embeddings * embeddings[:len(sample)]).sum(1).mean())
+    return outcome
 
 
-def evaluate_fidelity(job: EvalJob) -> dict:
+def evaluate_fidelity(job: EvalJob) -> Outcome:
     """Mean cosine between this run's and the dense checkpoint's embeddings of the same sentences."""
     config = job.config
     texts, _ = table(job.source, config["columns"], limit=job.limit)
     batch_size = config.get("batch_size", 32)
     embeddings = embed(job.loaded, texts, batch_size, f"{job.benchmark} (PyTorch)")
     dense = embed(job.reference_model(), texts, batch_size, f"{job.benchmark} (dense reference)")
-    result = {"examples": len(texts), "metrics": {"mean_cosine": mean_metric((embeddings * dense).sum(1))}}
+    outcome = Outcome(len(texts), {"mean_cosine": mean_metric((embeddings * dense).sum(1))})
     if "deepsparse" in job.engines:
         start = time.time()
         sample = texts[:config.get("engine_sample", 128)]
         engine_embeddings, runtime = _engine_embeddings(job, sample)
         cosines = (engine_embeddings * embeddings[:len(sample)]).sum(1)
-        result["deepsparse"] = {"runtime": runtime, "sample": len(sample),
-                                "mean_cosine_vs_pytorch": float(cosines.mean()),
-                                "wall_time_s": round(time.time() - start, 2)}
-    return result
+        outcome.deepsparse = EngineCheck(runtime, round(time.time() - start, 2), sample=len(sample),
+                                         mean_cosine_vs_pytorch=float(cosines.mean()))
+    return outcome

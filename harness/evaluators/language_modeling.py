@@ -5,14 +5,23 @@ The task YAMLs read local files through `custom_dataset` functions below; the ha
 files as TaskManager metadata (`data_files: {role: path}`), because a YAML cannot know the data
 directory. When a file is missing and the Hub is online, lm-eval's own task of the same benchmark
 runs instead (`hub: {task: ...}` in evals/benchmarks.yaml).
+
+lm-eval bootstraps the stderr of perplexity-like metrics in a `multiprocessing.Pool` forked from this
+process unless DISABLE_MULTIPROC is set; a fork of a process running torch/OpenMP threads can
+inherit a lock that no thread will ever release and hang for good (issue 16). `run_task` therefore
+always bootstraps in-process, with the same seeds per chunk, so the stderr is the same.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
+from typing import Iterator
 
 from harness.evaluators import EvalJob, metric
+from harness.layout import EngineCheck, Metric, Outcome
 from harness.paths import EVALS_DIR
 
 TASKS_DIR = EVALS_DIR / "lm_eval"
@@ -64,14 +73,29 @@ def _task(job: EvalJob):
     return source.hub["task"], TaskManager()
 
 
-def run_task(lm, job: EvalJob) -> tuple[dict, int, float]:
+@contextlib.contextmanager
+def bootstrap_in_process() -> Iterator[None]:
+    """lm-eval's `bootstrap_stderr` without its forked pool (DISABLE_MULTIPROC), restored afterwards."""
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
+def run_task(lm, job: EvalJob) -> tuple[dict[str, Metric], int, float]:
     """(metrics, examples, seconds) of the benchmark's lm-eval task scored by `lm` (any lm-eval LM)."""
     import lm_eval
 
     task, task_manager = _task(job)
     start = time.time()
-    output = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=job.limit,
-                                     bootstrap_iters=job.config.get("bootstrap_iters", 1000), log_samples=False)
+    with bootstrap_in_process():
+        output = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=job.limit,
+                                         bootstrap_iters=job.config.get("bootstrap_iters", 1000), log_samples=False)
     scores = output["results"][task]
     metrics = {}
     for name in job.config["metrics"]:
@@ -80,7 +104,7 @@ def run_task(lm, job: EvalJob) -> tuple[dict, int, float]:
     return metrics, int(output["n-samples"][task]["effective"]), time.time() - start
 
 
-def evaluate(job: EvalJob) -> dict:
+def evaluate(job: EvalJob) -> Outcome:
     """The benchmark's lm-eval task on PyTorch and, if asked, on the exported ONNX on DeepSparse."""
     from lm_eval.models.huggingface import HFLM
 
@@ -92,13 +116,12 @@ def evaluate(job: EvalJob) -> dict:
     pytorch_lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=job.config.get("batch_size", 8),
                       max_length=context_length(loaded.model.config, job.config.get("max_length")))
     metrics, examples, _ = run_task(pytorch_lm, job)
-    result = {"examples": examples, "metrics": metrics, "max_length": pytorch_lm.max_length}
+    outcome = Outcome(examples, metrics, max_length=pytorch_lm.max_length)
     if "deepsparse" in job.engines:
         engine_lm = OnnxDecoderLM(job.engine("model.onnx"), tokenizer=loaded.tokenizer,
                                   max_length=pytorch_lm.max_length)
         engine_metrics, _, engine_seconds = run_task(engine_lm, job)
-        result["deepsparse"] = {
-            "runtime": engine_lm.runtime, "wall_time_s": round(engine_seconds, 2), "metrics": engine_metrics,
-            "difference": {name: engine_metrics[name]["value"] - metrics[name]["value"] for name in metrics},
-        }
-    return result
+        outcome.deepsparse = EngineCheck(
+            engine_lm.runtime, round(engine_seconds, 2), metrics=engine_metrics,
+            difference={name: engine_metrics[name].value - metrics[name].value for name in metrics})
+    return outcome

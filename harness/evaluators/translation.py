@@ -19,6 +19,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.evaluators import EvalJob, agreement, metric, parallel_lines
 from harness.evaluators.onnx_engine import FixedShapeModel, pad_right
+from harness.layout import Metric, Outcome
 
 BOOTSTRAP_CI_TO_STDERR = 1.96  # sacrebleu reports the half-width of a 95% bootstrap interval
 
@@ -40,7 +41,8 @@ def language_token_id(tokenizer, lang: str) -> int:
     return token_id
 
 
-def corpus_scores(hypotheses: list[str], references: list[str], target_lang: str, bootstrap: int = 0) -> dict:
+def corpus_scores(hypotheses: list[str], references: list[str], target_lang: str,
+                  bootstrap: int = 0) -> dict[str, Metric]:
     """Corpus BLEU and chrF (0-100); with `bootstrap` resamples, their standard errors too."""
     from sacrebleu.metrics import BLEU, CHRF
 
@@ -95,7 +97,7 @@ def engine_translate(encoder: FixedShapeModel, decoder: FixedShapeModel, loaded,
     return outputs
 
 
-def evaluate(job: EvalJob) -> dict:
+def evaluate(job: EvalJob) -> Outcome:
     """BLEU and chrF for each language pair (`examples` counts sentences over all pairs); on DeepSparse,
     greedy agreement with PyTorch on a sample of each pair."""
     config, loaded = job.config, job.loaded
@@ -112,7 +114,7 @@ def evaluate(job: EvalJob) -> dict:
             metrics[f"{pair}/{name}"] = value
         examples += len(sources)
         samples[pair] = sources[:config.get("engine_sample", 8)]
-    result = {"examples": examples, "metrics": metrics}
+    outcome = Outcome(examples, metrics)
     if "deepsparse" in job.engines:
         start = time.time()
         encoder, decoder = job.engine("encoder_model.onnx"), job.engine("decoder_model.onnx")
@@ -122,5 +124,5 @@ def evaluate(job: EvalJob) -> dict:
             engine += engine_translate(encoder, decoder, loaded, sample, src, tgt, max_new_tokens)
             # one sentence per batch: no padding after </s> to tell apart from the engine's output
             pytorch += translate(loaded, sample, src, tgt, 1, max_new_tokens, 1, desc=f"{pair} greedy (PyTorch)")
-        result["deepsparse"] = agreement(engine, pytorch, decoder.runtime, time.time() - start)
-    return result
+        outcome.deepsparse = agreement(engine, pytorch, decoder.runtime, time.time() - start)
+    return outcome
