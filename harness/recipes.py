@@ -3,30 +3,33 @@
 A recipe file has a short harness header and, under `recipe:`, the backend's own recipe text
 (a SparseML recipe, an INC `WeightPruningConfig`), so SparseML and INC users recognise it:
 
-    backend: sparseml                 # a module in harness/backends/
+    backend: sparseml                 # a name in harness.backends.REGISTRY
     description: one line
     architectures: [encoder, decoder, encoder-decoder]
     targets: default                  # or a list of regexes over parameter names
     calibration: {samples: 0}         # calibration sequences the method needs
-    params: {steps: 100}              # values a user may override with --set name=value
+    params: {steps: 100}              # values a user may override with --set name=value, typed by these defaults
     recipe: |
       ... backend's own YAML; ${sparsity} (a fraction), ${targets} and ${params} are substituted ...
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from harness.backends import backend_names
 from harness.errors import HarnessError
 from harness.paths import RECIPES_DIR
 
 DEFAULT_RECIPE = "sparseml/oneshot-magnitude"
 HEADER_KEYS = {"backend", "description", "architectures", "targets", "calibration", "params", "recipe"}
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,26 @@ class Recipe:
         return PLACEHOLDER.sub(substitute, self.body)
 
     def with_params(self, overrides: dict) -> "Recipe":
+        """This recipe with some parameters set, each to a value of its default's type."""
         unknown = sorted(set(overrides) - set(self.params))
         if unknown:
             raise HarnessError(f"recipe {self.name} has no parameter {', '.join(unknown)} "
                                f"(it has: {', '.join(self.params) or 'none'})")
-        return Recipe(**{**self.__dict__, "params": {**self.params, **overrides}})
+        typed = {name: self._typed_value(name, value) for name, value in overrides.items()}
+        return Recipe(**{**self.__dict__, "params": {**self.params, **typed}})
+
+    def _typed_value(self, name: str, value):
+        """`value` as the type of the parameter's default: text is parsed like a `--set` value, an int
+        becomes a float for a float parameter; anything else of another type is an error."""
+        default = self.params[name]
+        kind = type(default)
+        parsed = parse_value(value) if isinstance(value, str) and kind is not str else value
+        if kind is float and type(parsed) is int:
+            parsed = float(parsed)
+        if type(parsed) is not kind or (kind is float and not math.isfinite(parsed)):
+            raise HarnessError(f"recipe {self.name}: parameter {name} must be "
+                               f"{TYPE_NAMES.get(kind, kind.__name__)} like its default {default!r}, got {value!r}")
+        return parsed
 
 
 def available() -> list[str]:
@@ -92,8 +110,6 @@ def load_recipe(name: str) -> Recipe:
     if unknown or missing:
         problem = f"unknown keys {', '.join(unknown)}" if unknown else f"missing keys {', '.join(missing)}"
         raise HarnessError(f"recipe {path}: {problem}")
-    from harness.backends import backend_names
-
     if header["backend"] not in backend_names():
         raise HarnessError(f"recipe {path}: unknown backend '{header['backend']}' "
                            f"(available: {', '.join(backend_names())})")
@@ -115,14 +131,17 @@ def load_recipe(name: str) -> Recipe:
 
 def parse_value(text: str):
     """A `--set` value: JSON first (PyYAML reads `1e-4` as a string), then YAML; `2:4` stays a string
-    (YAML 1.1 reads it as the base-60 number 124)."""
+    (YAML 1.1 reads it as the base-60 number 124), and so does text YAML cannot read."""
     try:
         return json.loads(text)
     except ValueError:
         pass
     if re.fullmatch(r"[\d_]+(:[\d_]+)+", text):
         return text
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import HarnessError
+from harness.layout import Sparsity
 
 # Parameters that are never pruned by default: embeddings, LM heads, norms, biases, positions.
 NEVER_BY_DEFAULT = re.compile(r"(embed|wte|wpe|lm_head|shared|norm|\.bias$|position|rel_embeddings|classifier|pooler)")
@@ -84,7 +85,7 @@ def match_saved_name(saved_name: str, wanted: set[str]) -> str | None:
     return None
 
 
-def measure(model_dir: Path, prunable: list[str], target_percent: float) -> dict:
+def measure(model_dir: Path, prunable: list[str], target_percent: float) -> Sparsity:
     """Sparsity measured from the saved weights: achieved over the prunable set, overall, per layer."""
     wanted = set(prunable)
     totals = defaultdict(lambda: [0, 0])  # key -> [zeros, numel]
@@ -107,12 +108,12 @@ def measure(model_dir: Path, prunable: list[str], target_percent: float) -> dict
         zeros, numel = totals[key]
         return round(100.0 * zeros / numel, 4) if numel else 0.0
 
-    return {
-        "target_percent": target_percent,
-        "achieved_percent": percent("prunable"),
-        "overall_percent": percent("overall"),
-        "prunable_params": totals["prunable"][1],
-        "total_params": totals["overall"][1],
-        "per_layer_percent": {key.split(":", 1)[1]: percent(key) for key in sorted(totals) if key.startswith("layer:")},
-        "prunable_tensors": sorted(prunable),
-    }
+    return Sparsity(
+        target_percent=target_percent,
+        achieved_percent=percent("prunable"),
+        overall_percent=percent("overall"),
+        prunable_params=totals["prunable"][1],
+        total_params=totals["overall"][1],
+        per_layer_percent={key.split(":", 1)[1]: percent(key) for key in sorted(totals) if key.startswith("layer:")},
+        prunable_tensors=sorted(prunable),
+    )

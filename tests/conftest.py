@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness import environment, load, sparsity
-from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE
+from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE, to_json
 from harness.rundir import RunDir, fingerprint, stage_run, staging_dir, write_json
 
 
@@ -39,5 +39,5 @@ def write_run(model: str, level: float) -> RunDir:
                     flat[flat.abs().argsort()[:int(flat.numel() * level / 100)]] = 0
             loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True)
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
-            write_json(tmp / SPARSITY_FILE, sparsity.measure(tmp / MODEL_SUBDIR, targets, level))
+            write_json(tmp / SPARSITY_FILE, to_json(sparsity.measure(tmp / MODEL_SUBDIR, targets, level)))
     return run

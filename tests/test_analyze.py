@@ -14,7 +14,7 @@ from matplotlib import image
 
 from harness import analyze, cli, load, sparsity
 from harness.layout import (ANALYSIS_SUBDIR, BY_LAYER_PNG, HEATMAP_PNG, HISTOGRAM_PNG, MANIFEST, MODEL_SUBDIR,
-                            SPARSITY_FILE, STRUCTURE_CSV, STRUCTURE_JSON, SUMMARY_MD)
+                            SPARSITY_FILE, STRUCTURE_CSV, STRUCTURE_JSON, SUMMARY_MD, to_json)
 from harness.paths import runs_dir
 from harness.rundir import RunDir, read_json, safe_name, stage_run, staging_dir, write_json
 from harness.structure import MODULE_TYPES, Thresholds, classify, tally_tensor
@@ -288,7 +288,7 @@ def pruned_run(tmp_path_factory):
                     flat = parameters[name].view(-1)
                     flat[flat.abs().argsort()[:flat.numel() // 2]] = 0
             model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True)
-            write_json(tmp / SPARSITY_FILE, sparsity.measure(tmp / MODEL_SUBDIR, targets, 50))
+            write_json(tmp / SPARSITY_FILE, to_json(sparsity.measure(tmp / MODEL_SUBDIR, targets, 50)))
     expected_zeros = sum(parameters[name].numel() // 2 for name in targets)
     return run, expected_zeros
 

@@ -5,10 +5,11 @@ from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 from harness import load, prune, sparsity
-from harness.backends import PruneJob, inc
+from harness.backends import PruneJob, inc, training
 from harness.errors import HarnessError
+from harness.paths import PROJECT_ROOT
 from harness.recipes import load_recipe, parse_overrides
-from harness.rundir import MODEL_SUBDIR
+from harness.rundir import MODEL_SUBDIR, RunDir
 
 ONESHOT, GRADUAL = "inc/oneshot-magnitude", "inc/gradual-snip-momentum"
 FAST = {"steps": 16}  # shorter fine-tuning than the recipe default, same schedule shape
@@ -118,7 +119,7 @@ def test_gradual_schedule_ramps_to_the_level_at_its_last_step(monkeypatch):
     targets = sparsity.prunable_names(model)
     params = dict(model.named_parameters())
     history = []
-    real_fine_tune = inc.fine_tune
+    real_fine_tune = training.fine_tune
 
     def recording_fine_tune(*args, after_step, **kwargs):
         def after(step):
@@ -127,7 +128,7 @@ def test_gradual_schedule_ramps_to_the_level_at_its_last_step(monkeypatch):
             history.append(zero_fraction([weights[name] for name in targets]))
         return real_fine_tune(*args, after_step=after, **kwargs)
 
-    monkeypatch.setattr(inc, "fine_tune", recording_fine_tune)
+    monkeypatch.setattr(training, "fine_tune", recording_fine_tune)
     job = PruneJob(model=model, tokenizer=loaded.tokenizer, spec=loaded.spec, recipe=recipe, sparsity=0.9,
                    targets=targets, calibration=prune.calibration_batches(loaded, 4), progress=lambda message: None)
     inc.prune(job)
@@ -140,6 +141,17 @@ def test_gradual_schedule_ramps_to_the_level_at_its_last_step(monkeypatch):
     assert all(params[name] is model.get_parameter(name) for name in targets)
     assert not any(module._forward_pre_hooks or module._forward_hooks for module in model.modules())
     assert not hasattr(model, "prunings")
+
+
+def test_a_recipe_that_misses_the_level_names_the_schedule_keys(tmp_path):
+    recipe_file = tmp_path / "fixed.yaml"
+    text = (PROJECT_ROOT / "recipes/inc/oneshot-magnitude.yaml").read_text()
+    recipe_file.write_text(text.replace("target_sparsity: ${sparsity}", "target_sparsity: 0.5"))
+    with pytest.raises(HarnessError) as error:
+        prune.prune("tiny-gpt2", 90, str(recipe_file))
+    assert str(error.value) == ("recipe fixed left the targets 50.00% sparse instead of 90.00% (inc): "
+                                "check its schedule (start_step, end_step, pruning_frequency)")
+    assert not RunDir("tiny-gpt2", "fixed", 90).path.exists()
 
 
 def test_n_in_m_above_its_ceiling_is_a_user_error():

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from harness import load, prune, sparsity
-from harness.backends import PruneJob, _training
-from harness.backends import sparseml as sparseml_backend
+from harness.backends import training
 from harness.errors import HarnessError
+from harness.layout import SPARSITY_FILE
 from harness.paths import PROJECT_ROOT
-from harness.recipes import load_recipe
 from harness.rundir import RunDir, read_json
 
 TINY_MODELS = ("tiny-gpt2", "tiny-deberta", "tiny-m2m100")
@@ -94,7 +93,7 @@ def test_prune_reaches_level_and_changes_only_targets(pruned, sources, model, re
     achieved = percent_zero([saved[name] for name in targets])
     print(f"{model} {recipe} {level}%: achieved {achieved:.3f}% in {seconds:.1f} s")
     assert abs(achieved - level) <= TOLERANCE_POINTS
-    assert read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"] == pytest.approx(achieved, abs=1e-3)
+    assert read_json(run.path / SPARSITY_FILE)["achieved_percent"] == pytest.approx(achieved, abs=1e-3)
     for name in targets:  # every recipe here prunes layer by layer
         assert abs(percent_zero([saved[name]]) - level) <= TOLERANCE_POINTS, name
     for name in set(saved) - set(targets):
@@ -133,7 +132,7 @@ def test_sparsegpt_reconstructs_the_kept_weights(pruned, sources, model):
 def test_gradual_schedule_ramps_then_holds_at_the_target(monkeypatch, hold_steps):
     """Sparsity after each fine-tuning step: init_sparsity first, rising, the target from step `steps` on."""
     steps, level = 6, 80
-    real_fine_tune = _training.fine_tune
+    real_fine_tune = training.fine_tune
     after_each_step = []
 
     def recording_fine_tune(model, batches, n_steps, lr, after_step, **kwargs):
@@ -146,7 +145,7 @@ def test_gradual_schedule_ramps_then_holds_at_the_target(monkeypatch, hold_steps
 
         real_fine_tune(model, batches, n_steps, lr, after_step=record, **kwargs)
 
-    monkeypatch.setattr(_training, "fine_tune", recording_fine_tune)
+    monkeypatch.setattr(training, "fine_tune", recording_fine_tune)
     run = prune.prune("tiny-gpt2", level, "sparseml/gradual-magnitude", force=True,
                       overrides={"steps": steps, "hold_steps": hold_steps, "update_frequency": 1})
     assert len(after_each_step) == steps + hold_steps
@@ -154,7 +153,7 @@ def test_gradual_schedule_ramps_then_holds_at_the_target(monkeypatch, hold_steps
     assert all(a <= b + 1e-9 for a, b in zip(after_each_step, after_each_step[1:]))
     assert 10 < after_each_step[steps // 2] < level - 5
     assert all(abs(s - level) <= TOLERANCE_POINTS for s in after_each_step[steps:])
-    assert abs(read_json(run.path / prune.SPARSITY_FILE)["achieved_percent"] - level) <= TOLERANCE_POINTS
+    assert abs(read_json(run.path / SPARSITY_FILE)["achieved_percent"] - level) <= TOLERANCE_POINTS
 
 
 def test_a_recipe_that_misses_the_level_is_an_error(tmp_path):
@@ -162,12 +161,11 @@ def test_a_recipe_that_misses_the_level_is_an_error(tmp_path):
     text = (PROJECT_ROOT / "recipes/sparseml/oneshot-magnitude.yaml").read_text()
     recipe_file.write_text(text.replace("final_sparsity: ${sparsity}", "final_sparsity: 0.5")
                            .replace("init_sparsity: ${sparsity}", "init_sparsity: 0.5"))
-    loaded = load.load_model("tiny-gpt2")
-    job = PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec,
-                   recipe=load_recipe(str(recipe_file)), sparsity=0.9,
-                   targets=sparsity.prunable_names(loaded.model))
-    with pytest.raises(HarnessError, match="50.00% sparse instead of 90.00%"):
-        sparseml_backend.prune(job)
+    with pytest.raises(HarnessError) as error:
+        prune.prune("tiny-gpt2", 90, str(recipe_file))
+    assert str(error.value) == ("recipe fixed left the targets 50.00% sparse instead of 90.00% (sparseml): "
+                                "check that its schedule ends on the target (${sparsity})")
+    assert not RunDir("tiny-gpt2", "fixed", 90).path.exists()
 
 
 def test_minilm_end_to_end_through_the_cli(sources):

@@ -1,11 +1,11 @@
-"""Pruning backends behind one small interface.
+"""Pruning backends behind one typed contract, `Backend`, and the registry of them.
 
-A backend is a module `harness/backends/<name>.py` (the name recipes give as `backend:`) with
-
-    ARCHITECTURES: tuple[str, ...]     # architectures it can prune
-    def prune(job: PruneJob) -> None   # sets job.model's target weights to the requested sparsity
-
-Adding a backend (e.g. plain `torch.nn.utils.prune`) is one new file here and a recipe using it.
+A backend is a module in this package that provides what `Backend` lists (its NAME, the
+ARCHITECTURES it prunes, the LEVEL_HINT shown when a recipe misses its level, `schedule` and
+`prune`) and is named in REGISTRY. Adding a backend (e.g. plain `torch.nn.utils.prune`) is one
+module here, one REGISTRY entry and a recipe using it. The checks common to every backend (the
+schedule's calibration data and learning rate, the level reached) are made once, by the prune stage.
+Other modules here are shared helpers (`training`), not backends.
 """
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-import pkgutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from harness.errors import HarnessError
 from harness.load import ModelSpec
-from harness.recipes import Recipe
+
+if TYPE_CHECKING:  # recipes imports this package to check backend names: no import back at run time
+    from harness.recipes import Recipe
+
+# backend name, as recipes give it in `backend:` -> the module providing `Backend`
+REGISTRY = {
+    "sparseml": "harness.backends.sparseml",
+    "inc": "harness.backends.inc",
+}
 
 
 @dataclass
@@ -45,6 +51,47 @@ class PruneJob:
     def target_modules(self) -> list[str]:
         """Module names of the target weights (`...fc1.weight` -> `...fc1`)."""
         return [name.rsplit(".", 1)[0] for name in self.targets]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a recipe's schedule needs besides the model, known before anything is loaded."""
+
+    steps: int  # fine-tuning steps; 0 for a one-shot recipe
+    calibrates: bool = False  # reads calibration batches even in one shot (SparseGPT)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.steps > 0 or self.calibrates
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend module provides."""
+
+    NAME: str  # its REGISTRY key
+    ARCHITECTURES: tuple[str, ...]  # architectures it can prune
+    LEVEL_HINT: str  # what to check in a recipe whose result misses the level
+
+    def schedule(self, recipe: Recipe, sparsity: float) -> Schedule:
+        """The recipe's schedule at `sparsity` (a fraction), read from its rendered text."""
+
+    def prune(self, job: PruneJob) -> None:
+        """Set `job.targets` in `job.model` to `job.sparsity`."""
+
+
+def backend_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in REGISTRY:
+        raise HarnessError(f"unknown pruning backend '{name}' (available: {', '.join(backend_names())})")
+    module = importlib.import_module(REGISTRY[name])
+    if not isinstance(module, Backend) or module.NAME != name:
+        raise TypeError(f"{REGISTRY[name]} is registered as backend '{name}' but does not provide "
+                        f"harness.backends.Backend with NAME '{name}'")
+    return module
 
 
 GROUP_BYTES = 1_000_000_000  # target weights per group of a layer-wise one-shot prune
@@ -88,13 +135,3 @@ def quiet(logger: logging.Logger):
         yield
     finally:
         logger.setLevel(level)
-
-
-def backend_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-
-
-def get_backend(name: str) -> ModuleType:
-    if name not in backend_names():
-        raise HarnessError(f"unknown pruning backend '{name}' (available: {', '.join(backend_names())})")
-    return importlib.import_module(f"{__name__}.{name}")

@@ -1,0 +1,180 @@
+"""Recipe parameters typed by their defaults, the backend contract and registry, and the checks the
+prune stage makes once for every backend; bad input fails with one line before anything is written."""
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from harness import backends, cli
+from harness.backends import Backend, Schedule
+from harness.errors import HarnessError
+from harness.layout import SPARSITY_FILE, Sparsity
+from harness.paths import PROJECT_ROOT
+from harness.recipes import load_recipe
+from harness.rundir import RunDir, read_json
+
+GRADUAL = "sparseml/gradual-magnitude"
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    """An empty runs root of the test's own, to see whatever a failed prune leaves behind."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setenv("HARNESS_RUNS", str(root))
+    return root
+
+
+def prune_cli(capsys, model: str, level: int, recipe: str, *options: str) -> tuple[int, list[str]]:
+    """`python -m harness prune ...` in this process: exit code and the lines it wrote to stderr."""
+    code = cli.main(["prune", "--model", model, "--level", str(level), "--recipe", recipe, *options])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def recipe_file(tmp_path, name: str, backend: str, params: str = "{}", samples: int = 0) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"backend: {backend}\ndescription: test recipe\ncalibration: {{samples: {samples}}}\n"
+                    f"params: {params}\nrecipe: |\n  pruning_modifiers: []\n")
+    return str(path)
+
+
+# --- typed parameters -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,recipe,options,message", [
+    ("minilm", GRADUAL, ["--set", "steps=abc"],
+     "recipe sparseml/gradual-magnitude: parameter steps must be an integer like its default 16, got 'abc'"),
+    ("tiny-gpt2", GRADUAL, ["--set", "steps=1.5"],
+     "recipe sparseml/gradual-magnitude: parameter steps must be an integer like its default 16, got 1.5"),
+    ("tiny-gpt2", GRADUAL, ["--set", "hold_steps=true"],
+     "recipe sparseml/gradual-magnitude: parameter hold_steps must be an integer like its default 4, got True"),
+    ("tiny-gpt2", GRADUAL, ["--set", "lr=x"],
+     "recipe sparseml/gradual-magnitude: parameter lr must be a number like its default 5e-05, got 'x'"),
+    ("tiny-gpt2", "inc/oneshot-magnitude", ["--set", "pattern=4"],
+     "recipe inc/oneshot-magnitude: parameter pattern must be a string like its default '1x1', got 4"),
+    ("tiny-gpt2", GRADUAL, ["--set", "steps=8", "--set", "ramp=8"],
+     "recipe sparseml/gradual-magnitude has no parameter ramp "
+     "(it has: steps, hold_steps, init_sparsity, update_frequency, lr)"),
+    ("tiny-gpt2", GRADUAL, ["--set", "steps"], "--set expects name=value, got 'steps'"),
+])
+def test_a_bad_parameter_is_one_line_and_nothing_is_created(capsys, runs_root, model, recipe, options, message):
+    code, lines = prune_cli(capsys, model, 90, recipe, *options)
+    assert (code, lines) == (2, [f"error: {message}"])
+    assert list(runs_root.iterdir()) == []
+
+
+def test_a_bool_parameter_takes_only_true_or_false(capsys, runs_root, tmp_path):
+    recipe = recipe_file(tmp_path, "flagged", "sparseml", params="{enabled: true}")
+    assert load_recipe(recipe).with_params({"enabled": "false"}).params == {"enabled": False}
+    code, lines = prune_cli(capsys, "tiny-gpt2", 50, recipe, "--set", "enabled=1")
+    assert (code, lines) == (2, ["error: recipe flagged: parameter enabled must be true or false like its default "
+                                 "True, got 1"])
+    assert list(runs_root.iterdir()) == []
+
+
+def test_parameters_take_the_type_of_their_default():
+    recipe = load_recipe(GRADUAL)
+    assert recipe.with_params({"steps": 200}).params["steps"] == 200
+    assert recipe.with_params({"steps": "200"}).params["steps"] == 200
+    assert recipe.with_params({"lr": 1e-4}).params["lr"] == 1e-4
+    assert recipe.with_params({"lr": "1e-4"}).params["lr"] == 1e-4
+    three = recipe.with_params({"lr": 3}).params["lr"]
+    assert three == 3.0 and type(three) is float
+    assert "ramp_steps: 200\n" in recipe.with_params({"steps": "200"}).render_text(0.9, [])
+    assert load_recipe("inc/oneshot-magnitude").with_params({"pattern": "2:4"}).params["pattern"] == "2:4"
+    with pytest.raises(HarnessError, match="parameter lr must be a number"):
+        recipe.with_params({"lr": "NaN"})
+
+
+# --- the backend contract and registry --------------------------------------------------------------
+
+def test_every_registered_backend_provides_the_contract():
+    assert backends.backend_names() == sorted(backends.REGISTRY) == ["inc", "sparseml"]  # helpers are not backends
+    for name in backends.backend_names():
+        backend = backends.get_backend(name)
+        assert isinstance(backend, Backend) and backend.NAME == name
+
+
+def test_backends_read_the_schedule_of_their_recipes():
+    sparseml, inc = backends.get_backend("sparseml"), backends.get_backend("inc")
+    assert sparseml.schedule(load_recipe(GRADUAL), 0.9) == Schedule(steps=20)  # steps + hold_steps
+    assert sparseml.schedule(load_recipe(GRADUAL).with_params({"steps": 6, "hold_steps": 0}), 0.9) == Schedule(6)
+    assert sparseml.schedule(load_recipe("sparseml/oneshot-magnitude"), 0.9) == Schedule(steps=0)
+    assert sparseml.schedule(load_recipe("sparseml/oneshot-sparsegpt"), 0.9) == Schedule(steps=0, calibrates=True)
+    assert inc.schedule(load_recipe("inc/gradual-snip-momentum").with_params({"steps": 8}), 0.9) == Schedule(8)
+    assert inc.schedule(load_recipe("inc/oneshot-magnitude"), 0.9) == Schedule(steps=0)
+
+
+def test_a_registered_module_without_the_contract_is_refused(monkeypatch):
+    incomplete = types.ModuleType("harness.backends.incomplete")
+    incomplete.NAME, incomplete.ARCHITECTURES, incomplete.LEVEL_HINT = "incomplete", ("decoder",), ""
+    register(monkeypatch, incomplete)
+    with pytest.raises(TypeError, match="does not provide harness.backends.Backend"):
+        backends.get_backend("incomplete")
+    with pytest.raises(HarnessError, match=r"unknown pruning backend 'nope' \(available: inc, incomplete, sparseml\)"):
+        backends.get_backend("nope")
+
+
+def test_the_backends_do_not_import_the_recipes():
+    """recipes imports backends to check a recipe's backend name; the other way would be a cycle."""
+    code = "import sys, harness.backends; assert 'harness.recipes' not in sys.modules, 'cycle'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+# --- the checks prune makes once for every backend --------------------------------------------------
+
+def register(monkeypatch, module: types.ModuleType) -> None:
+    monkeypatch.setitem(backends.REGISTRY, module.NAME, module.__name__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def fake_backend(share: float, schedule: Schedule = Schedule(steps=0)) -> types.ModuleType:
+    """A backend that zeroes the first `share` of what it is asked to of each target weight."""
+    module = types.ModuleType("harness.backends.fake")
+    module.NAME, module.ARCHITECTURES, module.LEVEL_HINT = "fake", ("decoder",), "check the fake schedule"
+    module.schedule = lambda recipe, sparsity: schedule
+
+    def prune(job) -> None:
+        params = dict(job.model.named_parameters())
+        with torch.no_grad():
+            for name in job.targets:
+                flat = params[name].view(-1)
+                flat[:int(flat.numel() * job.sparsity * share)] = 0
+
+    module.prune = prune
+    return module
+
+
+def test_a_backend_that_misses_the_level_is_one_error_and_leaves_no_run(capsys, monkeypatch, runs_root, tmp_path):
+    register(monkeypatch, fake_backend(share=0.5))
+    code, lines = prune_cli(capsys, "tiny-gpt2", 50, recipe_file(tmp_path, "fake", "fake"))
+    assert (code, lines) == (2, ["error: recipe fake left the targets 25.00% sparse instead of 50.00% (fake): "
+                                 "check the fake schedule"])
+    run_parent = RunDir("tiny-gpt2", "fake", 50).path.parent
+    assert list(run_parent.iterdir()) == []  # no run, no staging directory
+
+
+def test_a_backend_that_reaches_the_level_writes_sparsity_json(capsys, monkeypatch, runs_root, tmp_path):
+    register(monkeypatch, fake_backend(share=1.0))
+    code, _ = prune_cli(capsys, "tiny-gpt2", 50, recipe_file(tmp_path, "fake", "fake"))
+    assert code == 0
+    stored = read_json(RunDir("tiny-gpt2", "fake", 50).path / SPARSITY_FILE)
+    assert set(stored) == set(Sparsity.__dataclass_fields__)
+    assert stored["target_percent"] == 50 and stored["achieved_percent"] == pytest.approx(50, abs=0.01)
+
+
+@pytest.mark.parametrize("schedule,samples,params,message", [
+    (Schedule(steps=3), 0, "{lr: 0.001}",
+     "recipe fake fine-tunes for 3 steps: give it calibration data (`calibration: {samples: N}` in its header)"),
+    (Schedule(steps=0, calibrates=True), 0, "{}",
+     "recipe fake calibrates on data: give it calibration data (`calibration: {samples: N}` in its header)"),
+    (Schedule(steps=3), 2, "{}", "recipe fake fine-tunes for 3 steps: add `lr` to its params"),
+])
+def test_a_schedule_missing_what_it_needs_fails_before_anything_is_written(
+        capsys, monkeypatch, runs_root, tmp_path, schedule, samples, params, message):
+    register(monkeypatch, fake_backend(share=1.0, schedule=schedule))
+    code, lines = prune_cli(capsys, "tiny-gpt2", 50, recipe_file(tmp_path, "fake", "fake", params, samples))
+    assert (code, lines) == (2, [f"error: {message}"])
+    assert list(runs_root.iterdir()) == []
