@@ -1,6 +1,5 @@
 """The report stage over real tiny-model sweeps: complete, traceable to run files, and honest about gaps."""
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 from harness import report, sweep
 from harness.errors import HarnessError
 from harness.paths import reports_dir, runs_dir
+from harness.report.format import number
 
 MODEL = "tiny-gpt2"
 RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
@@ -80,7 +80,7 @@ def file_numbers(run_dir: Path) -> set[str]:
             for item in value:
                 walk(item)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found.update({report.number(value), report.number(100 * value)})
+            found.update({number(value), number(100 * value)})
 
     for path in [run_dir / "manifest.json", *run_dir.glob("*.json"), *run_dir.glob("analysis/*.json")]:
         walk(json.loads(path.read_text()))
@@ -122,6 +122,25 @@ def test_report_is_complete_and_every_table_number_comes_from_the_run_files(swep
 
     # generation is deterministic: a second report is byte-identical
     assert report.report([MODEL])[0].read_text() == markdown
+
+
+def test_challenges_explain_the_amdahl_ceiling_with_the_shares_the_bench_measured(swept):
+    markdown = report.report([MODEL])[0].read_text()
+    challenges = markdown.split("## Challenges, from the measured curves")[1].split("## ")[0]
+    level = LEVELS[-1]
+    for recipe in RECIPES:
+        bench = json.loads((swept / MODEL / recipe / str(level) / "bench.json").read_text())
+        assert bench["flop_ideal"]
+        for scenario, ideal in bench["flop_ideal"].items():
+            prunable, linear, matmul = ideal["prunable_share"], ideal["other_linear_share"], ideal["other_matmul_share"]
+            assert 0 < prunable < 1 and linear > 0  # the LM head stays dense
+            assert abs(prunable + linear + matmul - 1) < 1e-3
+            assert ideal["max_speedup"] == pytest.approx(1 / (1 - prunable), rel=1e-2)
+            assert (f"- {scenario}, `{recipe}`, Amdahl's law: at {level} % the pruned weights carry "
+                    f"{number(100 * prunable)} % of the dense multiply-accumulates; the rest (dense weights such as "
+                    f"the LM head and unpruned layers: {number(100 * linear)} %, attention matmuls: "
+                    f"{number(100 * matmul)} %) does not shrink, so even at 100 % sparsity the FLOP-ideal speedup "
+                    f"is at most {number(ideal['max_speedup'])}× (here {number(ideal['speedup'])}×).") in challenges
 
 
 def test_report_names_missing_stage_outputs_instead_of_failing(scratch):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from harness import load, sweep
-from harness.errors import HarnessError
+from harness.layout import BENCH_FILE, SPARSITY_FILE
 from harness.rundir import RunDir, read_json
 
 SHAPES = {
@@ -42,7 +42,7 @@ def one_block_shapes(tmp_path_factory):
                             discard_artifacts=True, isolate=True)
         benched = sweep.sweep(list(entries), RECIPES[:1], [90], stages, stage_args={"bench": FAST_BENCH + SPARSE_ENGINES},
                               discard_artifacts=True, isolate=True)
-        pruned = sweep.sweep(list(entries), RECIPES[1:], [0, 90], ["prune", "analyze"], discard_artifacts=True,
+        pruned = sweep.sweep(list(entries), RECIPES[1:], [90], ["prune", "analyze"], discard_artifacts=True,
                              isolate=True)
         yield {model: {**dense[model], **benched[model], **pruned[model]} for model in entries}
 
@@ -61,26 +61,17 @@ def test_shape_runs_are_labelled_measured_and_their_weights_discarded(one_block_
         for recipe in RECIPES:
             run = RunDir(model, recipe, 90)
             assert run.manifest()["shape_only"] is True
-            assert abs(read_json(run.path / "sparsity.json")["achieved_percent"] - 90) <= 1
+            assert abs(read_json(run.path / SPARSITY_FILE)["achieved_percent"] - 90) <= 1
             assert run.manifest()["stages"]["prune"]["peak_rss_mb"] > 0
             assert not list(run.model_dir.glob("*.safetensors")) and run.manifest()["discarded"]["bytes"] > 0
-        bench = read_json(RunDir(model, RECIPES[0], 90).path / "bench.json")
-        dense = read_json(RunDir(model, RECIPES[0], 0).path / "bench.json")
+        bench = read_json(RunDir(model, RECIPES[0], 90).path / BENCH_FILE)
+        dense = read_json(RunDir(model, RECIPES[0], 0).path / BENCH_FILE)
         assert list(bench["results"]) == ["deepsparse"] and bench["results"]["deepsparse"]["b1_s32"]["median_ms"] > 0
         assert set(dense["results"]) == {"deepsparse", "onnxruntime", "pytorch"}
         assert bench["dense_results"] == dense["results"] and bench["speedups"]["b1_s32"]["headline"] > 0
         assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
         # DeepSparse compiles and runs in a child process; its memory is recorded beside the bench's own
         assert RunDir(model, RECIPES[0], 90).manifest()["stages"]["bench"]["children_peak_rss_mb"] > 50
-
-
-def test_eval_refuses_a_shape_only_model(one_block_shapes):
-    from harness import cli
-
-    args = cli.build_parser("eval").parse_args(
-        ["eval", "--model", "gpt2xl-shape-1block", "--level", "90", "--recipe", RECIPES[0]])
-    with pytest.raises(HarnessError, match="shape"):
-        args.run(args)
 
 
 def test_the_shapes_report_compares_the_three_models(one_block_shapes, tmp_path, monkeypatch):

@@ -1,0 +1,112 @@
+"""The report's explanatory sections: the concepts, each recipe as its runs recorded it, and the sparsity reached."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from harness.layout import SPARSITY_FILE
+from harness.report.format import number, run_link, table
+from harness.report.runs import ModelRuns, Run
+from harness.rundir import level_name
+
+BACKENDS_DIR = Path(__file__).resolve().parents[1] / "backends"
+
+CONCEPTS = """\
+- **Sparsification** is the umbrella term: make most of a model's arithmetic or storage involve zeros,
+  so that a runtime able to skip zeros does less work and the file compresses. The zeros can be static
+  (weights removed once) or dynamic (parts of the network skipped per input).
+- **Pruning** is static weight sparsity: weights chosen by a criterion (magnitude, or a second-order
+  or gradient-based score) are set to zero and stay zero. *Unstructured* pruning may remove any single
+  weight (highest accuracy for a given sparsity, hardest to speed up); *semi-structured* (N:M, e.g. 2:4)
+  and *structured* pruning (blocks, channels, heads) remove regular groups that kernels exploit more
+  easily. *One-shot* pruning needs no training; *gradual* pruning removes weights over fine-tuning
+  steps so the remaining ones compensate.
+- **Quantization** keeps every weight but stores and computes it with fewer bits (e.g. INT8 instead of
+  FP32): the model shrinks by the bit ratio and integer kernels run faster, whatever the values are.
+  It is orthogonal to pruning and combines with it (sparse + INT8 is DeepSparse's fastest path).
+- **Distillation** trains a student to reproduce a teacher's outputs (or hidden states). It changes the
+  model's weights or architecture rather than zeroing entries, costs training compute, and is often
+  used to recover the accuracy a pruned or smaller model lost.
+- **MoEfication** splits each dense feed-forward layer into groups of neurons (experts) and adds a router
+  that activates only a few of them per token: conditional computation. The parameter count stays; the
+  work per token drops. It is dynamic activation sparsity, decided per input, not static weight sparsity.
+
+How they differ: pruning lowers the number of non-zero weights, quantization the bits per weight,
+distillation the model's size or its accuracy loss through training, and MoEfication the share of
+weights each token uses. Only quantization pays off on any runtime; pruning needs sparse-aware kernels
+(DeepSparse here; ONNX Runtime and PyTorch compute zeros like any other value), and MoEfication needs
+routing support. This report measures pruning.
+"""
+
+
+def section_concepts() -> list[str]:
+    return [CONCEPTS]
+
+
+def recipe_header(run: Run) -> dict:
+    """The harness header of the recipe file a run was made with (from its manifest)."""
+    try:
+        header = yaml.safe_load(run.manifest.get("recipe_text", "")) or {}
+    except yaml.YAMLError:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def backend_summary(backend: str) -> str:
+    """The first paragraph of the backend module's docstring (read from source; nothing is imported)."""
+    path = BACKENDS_DIR / f"{backend}.py"
+    try:
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return " ".join(docstring.split("\n\n")[0].split())
+
+
+def section_methods(models: ModelRuns) -> list[str]:
+    lines = ["Each recipe as recorded in its runs' manifests (the recipe file's header and the backend's own "
+             "recipe text).", ""]
+    for recipe in models.recipes:
+        runs = [run for run in models.runs if run.recipe == recipe and run.manifest]
+        if not runs:
+            lines += [f"### `{recipe}`", "", "No run directory exists for this recipe (see the gaps).", ""]
+            continue
+        header = recipe_header(runs[0])
+        backend = header.get("backend", "?")
+        lines += [f"### `{recipe}`", "", f"{header.get('description', '(no description)').rstrip('.')}.", "",
+                  f"- backend `{backend}`: {backend_summary(backend) or '(no description)'}",
+                  f"- prunes: {_targets(header.get('targets', 'default'))}",
+                  f"- calibration sequences: {number((header.get('calibration') or {}).get('samples', 0))}",
+                  f"- parameters: {_params(runs[0].manifest.get('params') or {})}",
+                  f"- levels run: {', '.join(level_name(r.level) + ' %' for r in runs)}", ""]
+        body = header.get("recipe")
+        if isinstance(body, str) and body.strip():
+            lines += ["<details><summary>backend recipe</summary>", "", "```yaml", body.rstrip(), "```", "",
+                      "</details>", ""]
+    return lines
+
+
+def _targets(targets) -> str:
+    if targets == "default":
+        return ("the Linear/Conv1D weights inside the transformer blocks (embeddings, LM head, norms, biases "
+                "stay dense)")
+    return "parameters matching " + ", ".join(f"`{t}`" for t in targets)
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in params.items()) or "none"
+
+
+def section_sparsity(models: ModelRuns) -> list[str]:
+    runs = models.with_output("prune")
+    if not runs:
+        return [f"Missing: no run has `{SPARSITY_FILE}` (run the prune stage).", ""]
+    rows = [[run.recipe, level_name(run.level), number(run.sparsity.target_percent),
+             number(run.sparsity.achieved_percent), number(run.sparsity.overall_percent),
+             number(run.sparsity.prunable_params), number(run.sparsity.total_params), run_link(run)]
+            for run in runs]
+    lines = ["Target and measured sparsity (percent of weights that are exactly zero in the saved checkpoint).", ""]
+    lines += table(["recipe", "level %", "target %", "achieved % (prunable)", "overall % (all weights)",
+                    "prunable weights", "all weights", "run directory"], rows)
+    return lines
