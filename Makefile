@@ -13,6 +13,7 @@ RECIPE ?= sparseml/oneshot-magnitude
 LEVELS ?= 0 10 50 90 95 99
 STAGES ?= prune,analyze,export,bench,eval
 LIMIT  ?=
+EXECUTOR ?= local
 ARGS   ?=
 
 HARNESS := $(PY) -m harness
@@ -53,8 +54,8 @@ bench: $(STAMP)  ## DeepSparse vs ONNX Runtime vs PyTorch speed and sizes -> ben
 eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples, or NAME=n,...)
 	$(HARNESS) eval --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(LIMIT_ARG) $(ARGS)
 
-sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RECIPE, resuming
-	$(HARNESS) sweep --model $(MODEL) --levels $(LEVELS) $(RECIPE_ARGS) --stages $(STAGES) $(LIMIT_ARG) $(ARGS)
+sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RECIPE, resuming (EXECUTOR=ray: on Ray)
+	$(HARNESS) sweep --model $(MODEL) --levels $(LEVELS) $(RECIPE_ARGS) --stages $(STAGES) $(LIMIT_ARG) --executor $(EXECUTOR) $(ARGS)
 
 report: $(STAMP)  ## reports/MODEL.md with plots (without MODEL=: every model with runs)
 	$(HARNESS) report --model $(if $(filter command line environment,$(origin MODEL)),$(MODEL),all) $(ARGS)

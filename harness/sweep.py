@@ -16,13 +16,16 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
 
 from tqdm import tqdm
 
 from harness import cli
 from harness.errors import HarnessError
 from harness.evaluate import parse_limit
-from harness.load import resolve_spec
+from harness.load import ModelSpec, resolve_spec
 from harness.paths import runs_dir
 from harness.recipes import DEFAULT_RECIPE
 from harness.layout import SWEEP_FILE
@@ -30,6 +33,7 @@ from harness.rundir import RunDir, level_name, parse_level, read_json, safe_name
 
 STAGE_ORDER = ("prune", "analyze", "export", "bench", "eval")
 DEFAULT_LEVELS = (0, 10, 50, 90, 95, 99)
+EXECUTORS = ("local", "ray")
 
 
 def stage_argv(stage: str, model: str, recipe: str, level: float, limit: str | int | None, force: bool,
@@ -94,43 +98,111 @@ def parse_stages(text: str) -> list[str]:
     return [s for s in STAGE_ORDER if s in stages]
 
 
+@dataclass(frozen=True)
+class GridRun:
+    """One cell of the grid: a model's spec, a recipe and a level."""
+
+    spec: ModelSpec
+    recipe: str
+    level: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.recipe}/{level_name(self.level)}"
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.spec.name, self.recipe, self.level)
+
+
+@dataclass(frozen=True)
+class LevelOptions:
+    """How each level's stages run (the same on every executor)."""
+
+    limit: str | int | None = None
+    force: bool = False
+    stage_args: dict[str, list[str]] | None = None
+    isolate: bool = False
+    discard_artifacts: bool = False
+
+
+def run_level(cell: GridRun, stages: list[str], options: LevelOptions, earlier: dict | None = None,
+              progress: tqdm | None = None) -> dict:
+    """Run `stages` of one run in order, after the `earlier` statuses of its other stages; returns {stage: status}.
+
+    A stage after a failed one is skipped; a sparse level whose stages all finished loses its artifacts
+    with `discard_artifacts` (level 0 is discarded by the sweep, once the levels compared with it are done).
+    """
+    statuses: dict[str, dict] = {}
+    for stage in stages:
+        if progress is not None:
+            progress.set_description(f"{cell.spec.name} {cell.key} {stage}")
+        if stage == "eval" and cell.spec.shape_only:
+            statuses[stage] = {"status": "skipped", "reason": "shape-only model: random weights"}
+        elif _failed({**(earlier or {}), **statuses}):
+            statuses[stage] = {"status": "skipped", "reason": "an earlier stage failed"}
+        else:
+            argv = stage_argv(stage, cell.spec.name, cell.recipe, cell.level, options.limit, options.force,
+                              options.stage_args)
+            statuses[stage] = _attempt(argv, options.isolate)
+        if progress is not None:
+            progress.update(1)
+    if options.discard_artifacts and cell.level != 0 and not _failed({**(earlier or {}), **statuses}):
+        _discard(cell.run)
+    return statuses
+
+
+def _failed(statuses: dict) -> bool:
+    return any(s["status"] == "failed" for s in statuses.values())
+
+
 def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
           limit: str | int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None,
-          discard_artifacts: bool = False, isolate: bool = False) -> dict:
-    """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}."""
+          discard_artifacts: bool = False, isolate: bool = False, executor: str = "local") -> dict:
+    """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}.
+
+    `executor` "local" runs the grid here, run after run; "ray" runs it as Ray tasks (harness.ray_executor).
+    """
     levels = [parse_level(level) for level in levels]
     specs = [resolve_spec(model) for model in models]
+    options = LevelOptions(limit, force, stage_args, isolate, discard_artifacts)
+    grid = [GridRun(spec, recipe, level) for spec in specs for recipe in recipes for level in levels]
     summary = {spec.name: {} for spec in specs}  # this sweep's grid only (the ledger keeps earlier sweeps' runs)
-    grid = [(spec, recipe, level) for spec in specs for recipe in recipes for level in levels]
-    progress = tqdm(total=len(grid) * len(stages), unit="stage", desc="sweep")
-    for spec in specs:
-        ledger_path = runs_dir() / safe_name(spec.name) / SWEEP_FILE
-        ledger = read_json(ledger_path) if ledger_path.exists() else {"runs": {}}
-        for recipe in recipes:
-            baselines = []  # level 0: discarded last, the other levels may compare against it
-            for level in levels:
-                key = f"{recipe}/{level_name(level)}"
-                statuses = {}
-                for stage in stages:
-                    progress.set_description(f"{spec.name} {key} {stage}")
-                    if stage == "eval" and spec.shape_only:
-                        statuses[stage] = {"status": "skipped", "reason": "shape-only model: random weights"}
-                    elif any(s["status"] == "failed" for s in statuses.values()):
-                        statuses[stage] = {"status": "skipped", "reason": "an earlier stage failed"}
-                    else:
-                        statuses[stage] = _attempt(stage_argv(stage, spec.name, recipe, level, limit, force, stage_args),
-                                                   isolate)
-                    progress.update(1)
-                ledger["runs"][key] = summary[spec.name][key] = {**ledger["runs"].get(key, {}), **statuses}
-                write_json(ledger_path, ledger)
-                if discard_artifacts and all(s["status"] != "failed" for s in statuses.values()):
-                    finished = RunDir(spec.name, recipe, level)
-                    baselines.append(finished) if level == 0 else _discard(finished)
-            for run in baselines:
-                _discard(run)
-    progress.close()
+    ledgers = {spec.name: _read_ledger(spec.name) for spec in specs}
+    levels_left = Counter((cell.spec.name, cell.recipe) for cell in grid)
+    baselines = []  # level 0: discarded last, the other levels may compare against it
+    if executor == "ray":
+        from harness import ray_executor  # ray: imported only when asked for
+
+        finished = ray_executor.run_grid(grid, stages, options)
+    elif executor == "local":
+        finished = _run_here(grid, stages, options)
+    else:
+        raise HarnessError(f"unknown executor {executor!r} (executors: {', '.join(EXECUTORS)})")
+    for cell, statuses in finished:
+        ledger = ledgers[cell.spec.name]
+        ledger["runs"][cell.key] = summary[cell.spec.name][cell.key] = {**ledger["runs"].get(cell.key, {}), **statuses}
+        write_json(runs_dir() / safe_name(cell.spec.name) / SWEEP_FILE, ledger)
+        if discard_artifacts and cell.level == 0 and not _failed(statuses):
+            baselines.append(cell)
+        levels_left[cell.spec.name, cell.recipe] -= 1
+        for baseline in [b for b in baselines if not levels_left[b.spec.name, b.recipe]]:
+            baselines.remove(baseline)
+            _discard(baseline.run)
     _print_summary(summary, stages)
     return summary
+
+
+def _read_ledger(model: str) -> dict:
+    path = runs_dir() / safe_name(model) / SWEEP_FILE
+    return read_json(path) if path.exists() else {"runs": {}}
+
+
+def _run_here(grid: list[GridRun], stages: list[str], options: LevelOptions) -> Iterator[tuple[GridRun, dict]]:
+    """The grid in this process (each stage in a child process with `isolate`), in grid order."""
+    with tqdm(total=len(grid) * len(stages), unit="stage", desc="sweep") as progress:
+        for cell in grid:
+            yield cell, run_level(cell, stages, options, progress=progress)
 
 
 def _discard(run: RunDir) -> None:
@@ -176,6 +248,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--discard-artifacts", action="store_true",
                         help="delete each finished run's weights, ONNX and compressed copy (results stay): "
                              "for full-size models that would not fit on disk")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: run the grid in this process (default); ray: as Ray tasks on a local Ray "
+                             "instance, or on the cluster at RAY_ADDRESS (each stage in its own process)")
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE:ARGS",
                         help="extra options for one stage, e.g. 'bench:--iterations 5 --batch-sizes 1'")
 
@@ -183,7 +258,8 @@ def add_arguments(parser) -> None:
 def main(args) -> None:
     parse_limit(args.limit)  # a bad LIMIT fails before any work
     summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
-                    args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts, args.isolate)
+                    args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts, args.isolate,
+                    args.executor)
     failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()
               if any(s.get("status") == "failed" for s in st.values())]
     if failed:

@@ -89,6 +89,8 @@ def test_bad_sweep_arguments_are_one_line_errors():
         sweep.parse_stage_args(["--iterations 2"])
     assert sweep.parse_stage_args(["bench:--iterations 2 --batch-sizes 1"]) == {
         "bench": ["--iterations", "2", "--batch-sizes", "1"]}
+    with pytest.raises(HarnessError, match="unknown executor 'slurm'"):
+        sweep.sweep([MODEL], RECIPES[:1], [50], STAGES, executor="slurm")
 
 
 def test_discarding_artifacts_keeps_results_and_resume(monkeypatch, tmp_path):
