@@ -72,7 +72,8 @@ def _forward_order(model, found: list[Block]):
 
 
 def _model_kwargs(model, batch: dict) -> dict:
-    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    """The batch as the model's arguments (labels stay: encoder-decoders derive their decoder inputs from them)."""
+    kwargs = dict(batch)
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
     return kwargs

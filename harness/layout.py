@@ -5,6 +5,7 @@
         manifest.json                           model spec, recipe, seed, one record per stage (MANIFEST)
         model/                                  the pruned checkpoint (MODEL_SUBDIR)
         sparsity.json                           prune: `Sparsity`
+        recovery.json                           prune with recovery: the plan and the loss curve
         analysis/structure.json, ...            analyze (ANALYSIS_SUBDIR, ANALYSIS_FILES)
         onnx/model.onnx, onnx/export.json       export (ONNX_SUBDIR, EXPORT_FILE)
         bench.json, compressed/                 bench: `Bench` (BENCH_FILE, COMPRESSED_SUBDIR)
@@ -28,6 +29,8 @@ MANIFEST = "manifest.json"
 MODEL_SUBDIR = "model"
 DISCARDED_NOTE = "DISCARDED.txt"  # left in model/ when its weights were deleted to save disk
 SPARSITY_FILE = "sparsity.json"
+RECOVERY_FILE = "recovery.json"
+RESUME_SUFFIX = ".resume"  # runs/<model>/<recipe>/.<level>.resume/: a prune's recovery state until it finishes
 ANALYSIS_SUBDIR = "analysis"
 STRUCTURE_JSON = "structure.json"
 STRUCTURE_CSV = "structure.csv"

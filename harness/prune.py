@@ -2,58 +2,61 @@
 
 The run directory is built in a temporary sibling and renamed into place at the end, so an
 interrupted or failed prune never leaves a half-written run. Level 0 is the dense baseline: the
-model is saved unchanged.
+model is saved unchanged. A recipe with `recovery` then distils the dense model into the pruned one
+(`harness.recovery`); its state is checkpointed beside the run (`RunDir.resume_dir`), so the same
+command after an interruption goes on from the last checkpoint, and its loss curve is saved in the run.
 """
 from __future__ import annotations
 
 import random
-from pathlib import Path
+import shutil
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from harness import backends, load, sparsity
+from harness import backends, corpus, load, recovery, sparsity
 from harness.errors import HarnessError
-from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE, to_json
-from harness.paths import data_dir
-from harness.recipes import DEFAULT_RECIPE, Recipe, load_recipe, parse_overrides
+from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
+from harness.recipes import DEFAULT_RECIPE, Calibration, Recipe, load_recipe, parse_overrides
 from harness.rundir import RunDir, fingerprint, parse_level, stage_run, staging_dir, write_json
 
 SEED = 0
-CALIBRATION_FILE = "wikitext-2/valid.txt"
 LEVEL_TOLERANCE = 0.01  # a fraction: the targets' sparsity after pruning must be within 1 point of the level
 
 
-def calibration_file() -> Path:
-    """The calibration text file; fails with one line if it is missing."""
-    path = data_dir() / CALIBRATION_FILE
-    if not path.exists():
-        raise HarnessError(f"calibration data {path} is missing: set HARNESS_DATA to the folder holding "
-                           f"{CALIBRATION_FILE} (see ../shared/data/SOURCES.md)")
-    return path
+def context_length(config) -> int | None:
+    """The longest sequence the model's position embeddings allow, if it says."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def calibration_texts(count: int) -> list[str]:
-    """`count` paragraphs of WikiText-2 validation text (never the test split the evaluations use)."""
-    paragraphs = [line.strip() for line in calibration_file().read_text(encoding="utf-8").splitlines()
-                  if len(line.split()) > 40 and not line.strip().startswith("=")]
-    return paragraphs[:count]
-
-
-def calibration_batches(loaded: load.LoadedModel, count: int, batch_size: int = 1) -> list[dict]:
-    """Tokenized calibration batches; with `labels` for models that have a language-modelling loss."""
-    texts = calibration_texts(count)
-    spec, tokenizer = loaded.spec, loaded.tokenizer
+def calibration_batches(loaded: load.LoadedModel, calibration: Calibration) -> list[dict]:
+    """One batch per calibration sequence (from the training corpus, full length, no padding); with `labels`
+    for models that have a language-modelling loss."""
+    spec = loaded.spec
+    seq_len = min(calibration.seq_len or spec.seq_len, context_length(loaded.model.config) or 1 << 30)
+    sequences = corpus.token_sequences(loaded.tokenizer, calibration.corpus, calibration.samples, seq_len)
     batches = []
-    for start in range(0, len(texts), batch_size):
-        batch = dict(tokenizer(texts[start:start + batch_size], truncation=True, max_length=spec.seq_len,
-                               padding=True, return_tensors="pt"))
+    for sequence in sequences:
+        batch = {"input_ids": sequence[None], "attention_mask": torch.ones_like(sequence[None])}
         if spec.model_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
-            labels = batch["input_ids"].clone()
-            labels[batch["attention_mask"] == 0] = -100
-            batch["labels"] = labels
+            batch["labels"] = sequence[None].clone()
         batches.append(batch)
     return batches
+
+
+def recovery_plan(recipe: Recipe) -> recovery.RecoveryPlan | None:
+    """The recipe's recovery settings as a checked plan, or None without recovery."""
+    settings = recipe.recovery
+    if settings is None:
+        return None
+    fields = recovery.RecoveryPlan.__dataclass_fields__
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise HarnessError(f"recipe {recipe.name}: recovery has no setting {unknown[0]} (settings: {', '.join(fields)})")
+    plan = recovery.RecoveryPlan(**settings)
+    plan.check()
+    return plan
 
 
 def check_supported(backend: backends.Backend, recipe: Recipe, spec: load.ModelSpec) -> None:
@@ -67,16 +70,15 @@ def check_schedule(backend: backends.Backend, recipe: Recipe, fraction: float) -
     """Fail on a recipe whose schedule needs calibration data or a learning rate its header does not give."""
     schedule = backend.schedule(recipe, fraction)
     training = f"fine-tunes for {schedule.steps} steps"
-    if schedule.needs_calibration and not recipe.calibration_samples:
+    if schedule.needs_calibration and not recipe.calibration.samples:
         raise HarnessError(f"recipe {recipe.name} {training if schedule.steps else 'calibrates on data'}: give it "
                            f"calibration data (`calibration: {{samples: N}}` in its header)")
     if schedule.steps and "lr" not in recipe.params:
         raise HarnessError(f"recipe {recipe.name} {training}: add `lr` to its params")
 
 
-def run_backend(backend: backends.Backend, job: backends.PruneJob) -> None:
-    """Prune the job's targets with the backend; fail unless they reached the level."""
-    backend.prune(job)
+def check_level(backend: backends.Backend, job: backends.PruneJob) -> None:
+    """Fail unless the job's targets reached its level."""
     params = dict(job.model.named_parameters())
     achieved = sparsity.zero_fraction(params[name] for name in job.targets)
     if abs(achieved - job.sparsity) > LEVEL_TOLERANCE:
@@ -100,10 +102,13 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     if not force and run.is_current("prune", inputs, [MODEL_SUBDIR, SPARSITY_FILE]):
         print(f"prune: {run.path} is up to date (use --force to redo)")
         return run
+    plan = recovery_plan(recipe) if level > 0 else None
     if level > 0:
         check_schedule(backend, recipe, level / 100)
-        if recipe.calibration_samples:
-            calibration_file()
+        if plan:
+            corpus.resolve_corpus(plan.corpus)
+        if recipe.calibration.samples:
+            corpus.resolve_corpus(recipe.calibration.corpus)
 
     random.seed(SEED)
     np.random.seed(SEED)
@@ -116,20 +121,30 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
         with stage_run(tmp / MANIFEST, "prune", inputs) as record:
             loaded = load.load_model(spec)
             targets = sparsity.prunable_names(loaded.model, recipe.targets)
-            if level > 0:
-                job = backends.PruneJob(
-                    model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, recipe=recipe,
-                    sparsity=level / 100, targets=targets,
-                    calibration=calibration_batches(loaded, recipe.calibration_samples)
-                    if recipe.calibration_samples else [],
-                )
-                run_backend(backend, job)
+            job = backends.PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, recipe=recipe,
+                                    sparsity=level / 100, targets=targets)
+            resume = recovery.Resume(run.resume_dir, plan, targets, inputs) if plan else None
+            if level > 0 and not (resume and resume.exists()):  # a resumed recovery has the pruned weights
+                if recipe.calibration.samples:
+                    job.calibration = calibration_batches(loaded, recipe.calibration)
+                backend.prune(job)
+                check_level(backend, job)
+            if resume:
+                teacher = load.load_model(spec).model
+                outcome = recovery.recover(loaded.model, teacher, loaded.tokenizer, spec.architecture, targets,
+                                           plan, resume)
+                del teacher
+                check_level(backend, job)
+                write_json(tmp / RECOVERY_FILE, {"plan": asdict(plan), **outcome})
+                record.update(recovery_tokens=outcome["tokens"], recovery_wall_time_s=outcome["wall_time_s"])
             loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True, max_shard_size=load.SHARD_BYTES)
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
             measured = sparsity.measure(tmp / MODEL_SUBDIR, targets, level)
             write_json(tmp / SPARSITY_FILE, to_json(measured))
             record.update(source=str(loaded.path), achieved_percent=measured.achieved_percent,
                           overall_percent=measured.overall_percent)
+    if plan:
+        shutil.rmtree(run.resume_dir, ignore_errors=True)
     print(f"prune: {spec.name} {recipe.name} level {level:g}%: achieved {measured.achieved_percent:.2f}% "
           f"of {measured.prunable_params:,} prunable weights, {measured.overall_percent:.2f}% overall "
           f"-> {run.path}")

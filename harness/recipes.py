@@ -7,10 +7,16 @@ A recipe file has a short harness header and, under `recipe:`, the backend's own
     description: one line
     architectures: [encoder, decoder, encoder-decoder]
     targets: default                  # or a list of regexes over parameter names
-    calibration: {samples: 0}         # calibration sequences the method needs
-    params: {steps: 100}              # values a user may override with --set name=value, typed by these defaults
+    calibration: {corpus: fineweb, samples: 128, seq_len: 2048}   # training text the method reads
+    recovery: {tokens: ${tokens}}     # optional: distil the dense model into the pruned one afterwards
+    params: {tokens: 2000000}         # values a user may override with --set name=value, typed by these defaults
     recipe: |
       ... backend's own YAML; ${sparsity} (a fraction), ${targets} and ${params} are substituted ...
+
+A value `${name}` in `calibration` or `recovery` is the parameter `name`. Calibration reads
+`samples` sequences of `seq_len` tokens (default: the model's `seq_len`, capped by its context) from
+a training corpus (`harness/corpora.yaml`), never from an evaluation split; `recovery` holds fields
+of `harness.recovery.RecoveryPlan`.
 """
 from __future__ import annotations
 
@@ -23,13 +29,23 @@ from pathlib import Path
 import yaml
 
 from harness.backends import backend_names
+from harness.corpus import DEFAULT_CORPUS
 from harness.errors import HarnessError
 from harness.paths import RECIPES_DIR
 
 DEFAULT_RECIPE = "sparseml/oneshot-magnitude"
-HEADER_KEYS = {"backend", "description", "architectures", "targets", "calibration", "params", "recipe"}
+HEADER_KEYS = {"backend", "description", "architectures", "targets", "calibration", "recovery", "params", "recipe"}
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The training text a recipe's method reads: `samples` sequences of `seq_len` tokens from `corpus`."""
+
+    corpus: str = DEFAULT_CORPUS
+    samples: int = 0
+    seq_len: int | None = None  # None: the model's seq_len
 
 
 @dataclass(frozen=True)
@@ -41,9 +57,39 @@ class Recipe:
     description: str
     architectures: tuple
     targets: object  # "default" or a list of regexes
-    calibration_samples: int
+    calibration_header: dict = field(default_factory=dict)
+    recovery_header: dict | None = None
     params: dict = field(default_factory=dict)
     body: str = ""
+
+    @property
+    def calibration(self) -> Calibration:
+        values = self._header_values(self.calibration_header, "calibration")
+        unknown = sorted(set(values) - set(Calibration.__dataclass_fields__))
+        if unknown:
+            raise HarnessError(f"recipe {self.path}: calibration has no field {unknown[0]} "
+                               f"(fields: {', '.join(Calibration.__dataclass_fields__)})")
+        calibration = Calibration(**values)
+        if type(calibration.samples) is not int or calibration.samples < 0 \
+                or not (calibration.seq_len is None or (type(calibration.seq_len) is int and calibration.seq_len > 1)):
+            raise HarnessError(f"recipe {self.name}: calibration samples must be a whole number >= 0 and seq_len "
+                               f"one > 1 (or absent), got {calibration.samples!r} and {calibration.seq_len!r}")
+        return calibration
+
+    @property
+    def recovery(self) -> dict | None:
+        """The recovery settings (RecoveryPlan fields), or None for a recipe without recovery."""
+        return None if self.recovery_header is None else self._header_values(self.recovery_header, "recovery")
+
+    def _header_values(self, section: dict, where: str) -> dict:
+        def value(item):
+            match = PLACEHOLDER.fullmatch(item) if isinstance(item, str) else None
+            if match and match.group(1) not in self.params:
+                raise HarnessError(f"recipe {self.path}: {where} names ${{{match.group(1)}}}, which is not among "
+                                   f"its params ({', '.join(self.params) or 'none'})")
+            return self.params[match.group(1)] if match else item
+
+        return {key: value(item) for key, item in section.items()}
 
     def render(self, sparsity: float, targets: list[str], **extra) -> dict:
         """The backend's recipe with the target sparsity (fraction), target names and params filled in."""
@@ -124,9 +170,16 @@ def load_recipe(name: str) -> Recipe:
         name=recipe_name, path=path, text=text, backend=header["backend"],
         description=header.get("description", ""),
         architectures=tuple(header.get("architectures") or ("encoder", "decoder", "encoder-decoder")),
-        targets=targets, calibration_samples=int((header.get("calibration") or {}).get("samples", 0)),
-        params=dict(header.get("params") or {}), body=body,
+        targets=targets, calibration_header=_section(header, "calibration", path) or {},
+        recovery_header=_section(header, "recovery", path), params=dict(header.get("params") or {}), body=body,
     )
+
+
+def _section(header: dict, key: str, path: Path) -> dict | None:
+    section = header.get(key)
+    if section is not None and not isinstance(section, dict):
+        raise HarnessError(f"recipe {path}: {key} must be a mapping of names to values")
+    return section
 
 
 def parse_value(text: str):

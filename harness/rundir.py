@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import psutil
 
 from harness.errors import HarnessError
-from harness.layout import DERIVED_SUBDIRS, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, Record, read_record
+from harness.layout import DERIVED_SUBDIRS, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, RESUME_SUFFIX, Record, read_record
 from harness.monitor import PeakMemory, stall_watch
 from harness.paths import runs_dir
 
@@ -116,6 +116,11 @@ class RunDir:
     @property
     def model_dir(self) -> Path:
         return self.path / MODEL_SUBDIR
+
+    @property
+    def resume_dir(self) -> Path:
+        """Beside the run, not in its staging directory: it must outlive an interrupted prune."""
+        return self.path.with_name(f".{self.path.name}{RESUME_SUFFIX}")
 
     @property
     def manifest_path(self) -> Path:

@@ -8,7 +8,7 @@ from harness import load, prune, sparsity
 from harness.backends import PruneJob, inc, training
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
-from harness.recipes import load_recipe, parse_overrides
+from harness.recipes import Calibration, load_recipe, parse_overrides
 from harness.rundir import MODEL_SUBDIR, RunDir
 
 ONESHOT, GRADUAL = "inc/oneshot-magnitude", "inc/gradual-snip-momentum"
@@ -130,7 +130,7 @@ def test_gradual_schedule_ramps_to_the_level_at_its_last_step(monkeypatch):
 
     monkeypatch.setattr(training, "fine_tune", recording_fine_tune)
     job = PruneJob(model=model, tokenizer=loaded.tokenizer, spec=loaded.spec, recipe=recipe, sparsity=0.9,
-                   targets=targets, calibration=prune.calibration_batches(loaded, 4), progress=lambda message: None)
+                   targets=targets, calibration=prune.calibration_batches(loaded, Calibration(samples=4)), progress=lambda message: None)
     inc.prune(job)
     final = zero_fraction([params[name] for name in targets])
     assert len(history) == 8

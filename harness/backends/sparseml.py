@@ -22,6 +22,7 @@ import re
 
 import yaml
 
+from harness import sparsegpt
 from harness.backends import PruneJob, Schedule, in_groups, quiet, training
 from harness.errors import HarnessError
 from harness.recipes import Recipe
@@ -91,7 +92,7 @@ def _fine_tune_with(manager, job: PruneJob, steps: int, loggers) -> None:
     manager.finalize(model)
 
 
-def _run_manager(job: PruneJob) -> None:
+def _run_manager(job: PruneJob) -> str:
     """A legacy `sparseml.pytorch` recipe: one-shot, or a training schedule over the calibration text."""
     from sparseml.pytorch import utils as logger_module
 
@@ -104,10 +105,28 @@ def _run_manager(job: PruneJob) -> None:
     else:
         in_groups(job, lambda group: _manager(job.recipe, job.sparsity, group.targets)
                   .apply(job.model, loggers=_loggers(logger_module)))
+    return "a sparseml.pytorch manager"
 
 
-def _run_session(job: PruneJob) -> None:
-    """A `sparseml.core` recipe, applied one-shot with the calibration batches."""
+def _sequential_sparsegpt(rendered: dict) -> dict | None:
+    """The SparseGPTModifier's arguments when the recipe is that one modifier with `sequential_update: true`."""
+    modifiers = [(name, arguments) for stage in rendered.values() if isinstance(stage, dict)
+                 for group in stage.values() if isinstance(group, dict) for name, arguments in group.items()]
+    if len(modifiers) == 1 and modifiers[0][0] == "SparseGPTModifier" and modifiers[0][1].get("sequential_update"):
+        return modifiers[0][1]
+    return None
+
+
+def _run_session(job: PruneJob) -> str:
+    """A `sparseml.core` recipe, applied one-shot with the calibration batches. Sequential SparseGPT runs
+    SparseML's solver block by block on cached inputs instead (`harness.sparsegpt`): SparseML 1.8 runs the
+    whole model over the calibration data once per pruned layer for it."""
+    sequential = _sequential_sparsegpt(job.rendered())
+    if sequential:
+        sparsegpt.prune(job.model, job.targets, job.calibration, float(sequential["sparsity"]),
+                        sequential.get("mask_structure", "0:0"), int(sequential.get("block_size", 128)),
+                        float(sequential.get("dampening_frac", 0.01)))
+        return "SparseML's SparseGPT solver, block by block (harness.sparsegpt)"
     from sparseml import core as logger_module
     from sparseml.core.framework import Framework
     from sparseml.core.recipe import Recipe as SessionRecipe
@@ -121,6 +140,7 @@ def _run_session(job: PruneJob) -> None:
         session.initialize(framework=Framework.pytorch, recipe=recipe, model=job.model,
                            calib_data=job.calibration, start=-1, loggers=_loggers(logger_module))
         session.finalize()
+    return "a sparseml.core session"
 
 
 def schedule(recipe: Recipe, sparsity: float) -> Schedule:
@@ -135,5 +155,5 @@ def prune(job: PruneJob) -> None:
     """Prune `job.targets` to `job.sparsity` with the SparseML recipe."""
     legacy = LEGACY_MODIFIER_TAG.search(job.recipe.body)
     with _quiet_sparseml():
-        (_run_manager if legacy else _run_session)(job)
-    job.progress(f"sparseml: pruned through a {'sparseml.pytorch manager' if legacy else 'sparseml.core session'}")
+        how = (_run_manager if legacy else _run_session)(job)
+    job.progress(f"sparseml: pruned through {how}")

@@ -1,0 +1,213 @@
+"""Recovery: distil the dense model into the pruned one on training text, with the mask fixed.
+
+The student is the pruned model, the teacher the dense one it came from. Batches are fixed-length
+sequences of a training corpus (`corpus.token_sequences`, never evaluation data), a token budget
+rather than a step count, AdamW with linear warm-up and cosine decay, gradient accumulation. The
+loss: for models with logits (decoders, encoder-decoders, classifiers), temperature-scaled KL from
+the teacher's distribution, mixed with the model's own language-modelling loss by `kl_weight`; for
+headless encoders (MiniLM), one minus the cosine of the mean-pooled embeddings plus the mean squared
+error of the last hidden states. Every pruned weight stays exactly zero: its mask is re-applied after
+each optimizer step.
+
+A long run checkpoints its state (trained weights, optimizer, step, loss curve, RNG) every
+`checkpoint_minutes` into a resume directory; started again with the same plan, it goes on from
+there and ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from harness import corpus
+from harness.errors import HarnessError
+from harness.rundir import fingerprint, write_atomic
+
+STATE_FILE = "recovery-state.pt"
+TRAINABLE = ("targets", "targets+norms+biases")
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    tokens: int = 2_000_000  # training tokens (the budget)
+    seq_len: int = 512
+    batch_size: int = 4  # sequences per micro-batch
+    accumulation: int = 4  # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup: float = 0.05  # fraction of the steps with a linear warm-up
+    weight_decay: float = 0.0
+    temperature: float = 2.0
+    kl_weight: float = 1.0  # models with logits: 1 = pure distillation, 0 = pure language modelling
+    trainable: str = "targets"  # or "targets+norms+biases"
+    corpus: str = corpus.DEFAULT_CORPUS
+    checkpoint_minutes: float = 10.0
+    seed: int = 0
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.accumulation
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.seq_len * self.sequences_per_step))
+
+    def check(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise HarnessError(f"recovery: trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if min(self.tokens, self.seq_len, self.batch_size, self.accumulation) < 1 or self.lr <= 0:
+            raise HarnessError("recovery: tokens, seq_len, batch_size, accumulation and lr must be positive")
+        if not 0 <= self.kl_weight <= 1 or not 0 <= self.warmup < 1:
+            raise HarnessError("recovery: kl_weight must be in [0, 1] and warmup in [0, 1)")
+
+
+def trainable_names(model: torch.nn.Module, targets: list[str], trainable: str) -> list[str]:
+    names = set(targets)
+    if trainable == "targets+norms+biases":
+        names |= {n for n, p in model.named_parameters() if p.dim() == 1}
+    return [n for n, _ in model.named_parameters() if n in names]
+
+
+def memory_needed(model: torch.nn.Module, trained: list[str], plan: RecoveryPlan) -> int:
+    """Bytes: student and teacher weights, gradients and two AdamW moments of the trained weights, and
+    activations kept for the backward pass (a generous ~24 floats per hidden unit per token and layer)."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    sizes = dict(model.named_parameters())
+    trained_numel = sum(sizes[n].numel() for n in trained)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 1024)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 24)
+    vocab = getattr(config, "vocab_size", 0)
+    tokens = plan.batch_size * plan.seq_len
+    activations = tokens * (24 * hidden * layers + 3 * vocab)
+    return 4 * (2 * params + 3 * trained_numel + activations)
+
+
+def _learning_rate(plan: RecoveryPlan, step: int) -> float:
+    warm = max(1, int(plan.warmup * plan.steps))
+    if step < warm:
+        return plan.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, plan.steps - warm)
+    return plan.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distillation_loss(student_out, teacher_out, batch: dict, plan: RecoveryPlan) -> torch.Tensor:
+    logits = getattr(student_out, "logits", None)
+    if logits is not None:
+        temperature = plan.temperature
+        kl = torch.nn.functional.kl_div(
+            torch.log_softmax(logits / temperature, -1).flatten(0, -2),
+            torch.log_softmax(teacher_out.logits / temperature, -1).flatten(0, -2),
+            log_target=True, reduction="batchmean") * temperature ** 2
+        if plan.kl_weight == 1 or student_out.loss is None:
+            return kl
+        return plan.kl_weight * kl + (1 - plan.kl_weight) * student_out.loss
+    hidden, target = student_out.last_hidden_state, teacher_out.last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    pooled_target = (target * mask).sum(1) / mask.sum(1)
+    cosine = torch.nn.functional.cosine_similarity(pooled, pooled_target, dim=-1).mean()
+    return (1 - cosine) + torch.nn.functional.mse_loss(hidden, target)
+
+
+def _batch(sequences: torch.Tensor, architecture: str, has_labels: bool) -> dict:
+    batch = {"input_ids": sequences, "attention_mask": torch.ones_like(sequences)}
+    if has_labels:
+        batch["labels"] = sequences.clone()  # decoders shift it; encoder-decoders learn to reproduce it
+    return batch
+
+
+class Resume:
+    """A run's recovery state in `directory`, saved atomically; it is used only by a run with the same plan,
+    targets and starting weights (`identity`, e.g. the prune stage's fingerprint)."""
+
+    def __init__(self, directory: Path, plan: RecoveryPlan, targets: list[str], identity: object):
+        self.directory = directory
+        self.path = directory / STATE_FILE
+        self.key = fingerprint(asdict(plan), targets, identity)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        return state if state.get("key") == self.key else None
+
+    def exists(self) -> bool:
+        return self.load() is not None
+
+    def save(self, state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save({**state, "key": self.key}, buffer)
+        write_atomic(self.path, buffer.getvalue())
+
+
+def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, architecture: str, targets: list[str],
+            plan: RecoveryPlan, resume: Resume) -> dict:
+    """Train `student` in place (continuing from `resume`'s state if it has one: then the student's target
+    weights need not be pruned yet, the state holds them); returns {curve, tokens, steps, wall_time_s,
+    resumed_from}."""
+    plan.check()
+    trained = trainable_names(student, targets, plan.trainable)
+    needed, available = memory_needed(student, trained, plan), psutil.virtual_memory().available
+    if needed > available:
+        raise HarnessError(f"recovery needs about {needed / 2**30:.1f} GiB (weights, teacher, optimizer, activations "
+                           f"of {plan.batch_size} x {plan.seq_len} tokens) but {available / 2**30:.1f} GiB is "
+                           f"available: lower batch_size or seq_len (raise accumulation to keep the batch)")
+    sequences = corpus.token_sequences(tokenizer, plan.corpus, plan.steps * plan.sequences_per_step, plan.seq_len)
+    params = dict(student.named_parameters())
+    for name, param in params.items():
+        param.requires_grad_(name in trained)
+    optimizer = torch.optim.AdamW([params[n] for n in trained], lr=plan.lr, weight_decay=plan.weight_decay)
+    state = resume.load()
+    curve, start_step, resumed_from = [], 0, None
+    if state:
+        with torch.no_grad():
+            for name in trained:
+                params[name].copy_(state["weights"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        curve, start_step, resumed_from = state["curve"], state["step"], state["step"]
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(plan.seed)
+    masks = {name: params[name] != 0 for name in targets}
+    has_labels = getattr(student.config, "is_encoder_decoder", False) or architecture == "decoder"
+    teacher.eval()
+    student.train()
+    started, last_save = time.time(), time.time()
+    progress = tqdm(range(start_step, plan.steps), initial=start_step, total=plan.steps, unit="step",
+                    desc=f"recovery ({plan.tokens / 1e6:g}M tokens)")
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(plan, step)
+        total = 0.0
+        for micro in range(plan.accumulation):
+            first = (step * plan.accumulation + micro) * plan.batch_size
+            batch = _batch(sequences[first:first + plan.batch_size], architecture, has_labels)
+            with torch.no_grad():
+                teacher_out = teacher(**batch)
+            loss = distillation_loss(student(**batch), teacher_out, batch, plan) / plan.accumulation
+            loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].mul_(mask)
+        tokens = (step + 1) * plan.sequences_per_step * plan.seq_len
+        curve.append({"step": step + 1, "tokens": tokens, "loss": round(total, 6)})
+        progress.set_postfix(loss=f"{total:.4f}", tok_s=f"{plan.sequences_per_step * plan.seq_len * (step + 1 - start_step) / (time.time() - started):.0f}")
+        if time.time() - last_save > 60 * plan.checkpoint_minutes and step + 1 < plan.steps:
+            resume.save({"step": step + 1, "weights": {n: params[n].detach().clone() for n in trained},
+                         "optimizer": optimizer.state_dict(), "curve": curve, "rng": torch.get_rng_state()})
+            last_save = time.time()
+    progress.close()
+    student.eval()
+    for param in params.values():
+        param.requires_grad_(True)
+    return {"curve": curve, "tokens": plan.steps * plan.sequences_per_step * plan.seq_len, "steps": plan.steps,
+            "wall_time_s": round(time.time() - started, 1), "resumed_from": resumed_from}

@@ -1,0 +1,156 @@
+"""Recovery training on tiny models: the loss falls, the mask stays fixed, a killed run resumes to the
+same weights as an uninterrupted one, a budget that cannot fit fails before training."""
+import copy
+
+import pytest
+import torch
+
+from harness import load, recovery, sparsity
+from harness.errors import HarnessError
+
+PLAN = recovery.RecoveryPlan(tokens=16 * 2 * 2 * 32, seq_len=32, batch_size=2, accumulation=2, lr=3e-3,
+                             warmup=0.1, checkpoint_minutes=0.0)
+
+
+def resume_in(directory, targets):
+    return recovery.Resume(directory, PLAN, targets, "test weights")
+
+
+def pruned_pair(alias: str):
+    """(student pruned to 50 % by magnitude, dense teacher, tokenizer, architecture, targets)."""
+    loaded = load.load_model(alias)
+    teacher = copy.deepcopy(loaded.model)
+    targets = sparsity.prunable_names(loaded.model)
+    params = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for name in targets:
+            flat = params[name].view(-1)
+            flat[flat.abs().argsort()[:flat.numel() // 2]] = 0
+    return loaded.model, teacher, loaded.tokenizer, loaded.spec.architecture, targets
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-m2m100"])
+def test_loss_falls_and_the_mask_stays_fixed(alias, tmp_path):
+    student, teacher, tokenizer, architecture, targets = pruned_pair(alias)
+    params = dict(student.named_parameters())
+    zeros = {name: params[name] == 0 for name in targets}
+    untouched = {n: p.detach().clone() for n, p in params.items() if n not in targets}
+    result = recovery.recover(student, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path, targets))
+    losses = [point["loss"] for point in result["curve"]]
+    assert len(losses) == PLAN.steps == 16
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+    for name in targets:
+        assert torch.equal(params[name] == 0, zeros[name])  # exactly the pruned weights are zero
+    assert all(torch.equal(params[n], value) for n, value in untouched.items())  # only the targets train
+    assert any(not torch.equal(params[n], teacher.get_parameter(n)) for n in targets)
+
+
+def test_the_encoder_loss_is_zero_for_the_teacher_itself_and_grows_with_the_difference():
+    loaded = load.load_model("minilm")
+    batch = dict(loaded.tokenizer(["a sentence to embed", "and another one, longer than the first"],
+                                  padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        teacher_out = loaded.model(**batch)
+        assert float(recovery.distillation_loss(teacher_out, teacher_out, batch, PLAN)) == pytest.approx(0, abs=1e-6)
+        student, _, _, _, _ = pruned_pair("minilm")
+        student_out = student(**batch)
+    shifted = type(teacher_out)(last_hidden_state=teacher_out.last_hidden_state + 0.1)
+    assert 0 < float(recovery.distillation_loss(shifted, teacher_out, batch, PLAN)) \
+        < float(recovery.distillation_loss(student_out, teacher_out, batch, PLAN))
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    student, teacher, tokenizer, architecture, targets = pruned_pair("tiny-gpt2")
+    reference = copy.deepcopy(student)
+    recovery.recover(reference, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "reference", targets))
+
+    real_loss, calls = recovery.distillation_loss, []
+
+    def killed_at_step_6(*args):
+        calls.append(1)
+        if len(calls) > 6 * PLAN.accumulation:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    interrupted = copy.deepcopy(student)
+    monkeypatch.setattr(recovery, "distillation_loss", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        recovery.recover(interrupted, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
+    monkeypatch.setattr(recovery, "distillation_loss", real_loss)
+    resumed = copy.deepcopy(teacher)  # as prune resumes: the state holds the pruned, trained weights
+    result = recovery.recover(resumed, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
+    assert result["resumed_from"] == 6
+    assert [p["step"] for p in result["curve"]] == list(range(1, PLAN.steps + 1))
+    for name, param in reference.named_parameters():
+        assert torch.equal(param, resumed.get_parameter(name)), name
+
+
+def test_a_budget_that_does_not_fit_fails_before_training(tmp_path, monkeypatch):
+    student, teacher, tokenizer, architecture, targets = pruned_pair("tiny-gpt2")
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    monkeypatch.setattr(recovery.psutil, "virtual_memory", lambda: type("M", (), {"available": 2**20})())
+    with pytest.raises(HarnessError, match="recovery needs about .* GiB .* available: lower batch_size"):
+        recovery.recover(student, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path, targets))
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+
+
+def test_bad_plans_are_one_clear_line():
+    with pytest.raises(HarnessError, match="trainable must be one of"):
+        recovery.RecoveryPlan(trainable="everything").check()
+    with pytest.raises(HarnessError, match="kl_weight"):
+        recovery.RecoveryPlan(kl_weight=2).check()
+
+
+RECOVER = "sparseml/magnitude-recover"
+SMALL = {"tokens": 12 * 2 * 32, "train_seq_len": 32, "batch_size": 2, "accumulation": 1, "lr": 3e-3,
+         "checkpoint_minutes": 0.0}
+
+
+def saved_weights(run) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(run.model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_result(monkeypatch):
+    from harness import prune
+    from harness.layout import RECOVERY_FILE
+    from harness.rundir import read_json
+
+    reference = prune.prune("tiny-gpt2", 50, RECOVER, SMALL)
+    expected = saved_weights(reference)
+    curve = read_json(reference.path / RECOVERY_FILE)["curve"]
+    assert len(curve) == 12 and not reference.resume_dir.exists()
+
+    real_loss, calls = recovery.distillation_loss, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(recovery, "distillation_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune.prune("tiny-gpt2", 50, RECOVER, SMALL, force=True)
+    assert reference.resume_dir.exists()  # the state outlives the discarded staging directory
+    monkeypatch.setattr(recovery, "distillation_loss", real_loss)
+    resumed = prune.prune("tiny-gpt2", 50, RECOVER, SMALL, force=True)
+    assert read_json(resumed.path / RECOVERY_FILE)["resumed_from"] == 5
+    assert not resumed.resume_dir.exists()
+    assert read_json(resumed.path / RECOVERY_FILE)["curve"] == curve
+    actual = saved_weights(resumed)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    measured = read_json(resumed.path / "sparsity.json")
+    assert measured["achieved_percent"] == pytest.approx(50, abs=0.01)
+
+
+def test_calibration_reads_full_length_training_sequences_capped_by_the_context():
+    from harness import prune
+    from harness.recipes import Calibration
+
+    loaded = load.load_model("tiny-gpt2")
+    batches = prune.calibration_batches(loaded, Calibration(samples=3, seq_len=100_000))
+    assert len(batches) == 3
+    assert all(tuple(b["input_ids"].shape) == (1, loaded.model.config.n_positions) for b in batches)
+    assert all(bool(b["attention_mask"].all()) and torch.equal(b["labels"], b["input_ids"]) for b in batches)
