@@ -5,7 +5,7 @@
         manifest.json                           model spec, recipe, seed, one record per stage (MANIFEST)
         model/                                  the pruned checkpoint (MODEL_SUBDIR)
         sparsity.json                           prune: `Sparsity`
-        recovery.json                           prune with recovery: the plan and the loss curve
+        recovery.json                           prune with recovery: `Recovery`
         analysis/structure.json, ...            analyze (ANALYSIS_SUBDIR, ANALYSIS_FILES)
         onnx/model.onnx, onnx/export.json       export (ONNX_SUBDIR, EXPORT_FILE)
         bench.json, compressed/                 bench: `Bench` (BENCH_FILE, COMPRESSED_SUBDIR)
@@ -70,6 +70,25 @@ class Sparsity:
     total_params: int
     per_layer_percent: dict[str, float]
     prunable_tensors: list[str]
+
+
+@dataclass
+class CurvePoint:
+    step: int
+    tokens: int
+    loss: float
+
+
+@dataclass
+class Recovery:
+    """`recovery.json`: a recovery's plan (RecoveryPlan's fields) and its training loss per optimizer step."""
+
+    plan: dict[str, Any]
+    curve: list[CurvePoint]
+    tokens: int
+    steps: int
+    wall_time_s: float  # of this process's training (after a resume: since it resumed)
+    resumed_from: int | None = None  # the step a resumed run went on from
 
 
 # --- bench ------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -135,8 +134,8 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
                                            plan, resume)
                 del teacher
                 check_level(backend, job)
-                write_json(tmp / RECOVERY_FILE, {"plan": asdict(plan), **outcome})
-                record.update(recovery_tokens=outcome["tokens"], recovery_wall_time_s=outcome["wall_time_s"])
+                write_json(tmp / RECOVERY_FILE, to_json(outcome))
+                record.update(recovery_tokens=outcome.tokens, recovery_wall_time_s=outcome.wall_time_s)
             loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True, max_shard_size=load.SHARD_BYTES)
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
             measured = sparsity.measure(tmp / MODEL_SUBDIR, targets, level)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from harness import corpus
 from harness.errors import HarnessError
+from harness.layout import CurvePoint, Recovery
 from harness.rundir import fingerprint, write_atomic
 
 STATE_FILE = "recovery-state.pt"
@@ -147,10 +148,9 @@ class Resume:
 
 
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, architecture: str, targets: list[str],
-            plan: RecoveryPlan, resume: Resume) -> dict:
+            plan: RecoveryPlan, resume: Resume) -> Recovery:
     """Train `student` in place (continuing from `resume`'s state if it has one: then the student's target
-    weights need not be pruned yet, the state holds them); returns {curve, tokens, steps, wall_time_s,
-    resumed_from}."""
+    weights need not be pruned yet, the state holds them); returns what `recovery.json` holds."""
     plan.check()
     trained = trainable_names(student, targets, plan.trainable)
     needed, available = memory_needed(student, trained, plan), psutil.virtual_memory().available
@@ -199,7 +199,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
             for name, mask in masks.items():
                 params[name].mul_(mask)
         tokens = (step + 1) * plan.sequences_per_step * plan.seq_len
-        curve.append({"step": step + 1, "tokens": tokens, "loss": round(total, 6)})
+        curve.append(CurvePoint(step + 1, tokens, round(total, 6)))
         progress.set_postfix(loss=f"{total:.4f}", tok_s=f"{plan.sequences_per_step * plan.seq_len * (step + 1 - start_step) / (time.time() - started):.0f}")
         if time.time() - last_save > 60 * plan.checkpoint_minutes and step + 1 < plan.steps:
             resume.save({"step": step + 1, "weights": {n: params[n].detach().clone() for n in trained},
@@ -209,5 +209,5 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
     student.eval()
     for param in params.values():
         param.requires_grad_(True)
-    return {"curve": curve, "tokens": plan.steps * plan.sequences_per_step * plan.seq_len, "steps": plan.steps,
-            "wall_time_s": round(time.time() - started, 1), "resumed_from": resumed_from}
+    return Recovery(plan=asdict(plan), curve=curve, tokens=plan.steps * plan.sequences_per_step * plan.seq_len,
+                    steps=plan.steps, wall_time_s=round(time.time() - started, 1), resumed_from=resumed_from)

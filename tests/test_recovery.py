@@ -36,7 +36,7 @@ def test_loss_falls_and_the_mask_stays_fixed(alias, tmp_path):
     zeros = {name: params[name] == 0 for name in targets}
     untouched = {n: p.detach().clone() for n, p in params.items() if n not in targets}
     result = recovery.recover(student, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path, targets))
-    losses = [point["loss"] for point in result["curve"]]
+    losses = [point.loss for point in result.curve]
     assert len(losses) == PLAN.steps == 16
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
     for name in targets:
@@ -79,8 +79,8 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, m
     monkeypatch.setattr(recovery, "distillation_loss", real_loss)
     resumed = copy.deepcopy(teacher)  # as prune resumes: the state holds the pruned, trained weights
     result = recovery.recover(resumed, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
-    assert result["resumed_from"] == 6
-    assert [p["step"] for p in result["curve"]] == list(range(1, PLAN.steps + 1))
+    assert result.resumed_from == 6
+    assert [p.step for p in result.curve] == list(range(1, PLAN.steps + 1))
     for name, param in reference.named_parameters():
         assert torch.equal(param, resumed.get_parameter(name)), name
 
@@ -143,6 +143,15 @@ def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_
     assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
     measured = read_json(resumed.path / "sparsity.json")
     assert measured["achieved_percent"] == pytest.approx(50, abs=0.01)
+
+    from harness import report
+    from harness.report.format import number
+
+    markdown = report.report(["tiny-gpt2"])[0].read_text()
+    section = markdown.split("## Recovery")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith(f"| {RECOVER} | 50 |"))
+    assert f"| fineweb | {number(SMALL['tokens'])} | 12 | {number(curve[0]['loss'])} |" in row
+    assert "recovery loss curves" in section
 
 
 def test_calibration_reads_full_length_training_sequences_capped_by_the_context():

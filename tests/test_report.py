@@ -15,7 +15,8 @@ MODEL = "tiny-gpt2"
 RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
 LEVELS = [0, 50]
 SECTIONS = ["Runs and gaps", "Concepts", "Methods used", "Sparsity reached", "Accuracy vs sparsity",
-            "Speed vs sparsity", "Size vs sparsity", "Sparsity structure", "Challenges, from the measured curves",
+            "Speed vs sparsity", "Size vs sparsity", "Sparsity structure", "Recovery",
+            "Challenges, from the measured curves",
             "Time and memory per stage"]
 # Small settings so the whole module stays within the CI budget (the stages' own CLI options): one short
 # bench scenario; eval on PyTorch only and on LAMBADA only (WikiText-2's rolling loglikelihood over whole

@@ -30,6 +30,7 @@ from harness.report.shapes import SHAPES_REPORT, render_shapes
 from harness.report.size import section_size
 from harness.report.speed import section_speed
 from harness.report.structure import section_structure
+from harness.report.recovery import section_recovery
 from harness.rundir import safe_name, write_atomic
 
 
@@ -64,6 +65,7 @@ def render(models: ModelRuns, plots: PlotSet, thresholds: Thresholds = Threshold
         ("Speed vs sparsity", lambda: section_speed(models, plots)),
         ("Size vs sparsity", lambda: section_size(models, plots)),
         ("Sparsity structure", lambda: section_structure(models, plots)),
+        ("Recovery", lambda: section_recovery(models, plots)),
         ("Challenges, from the measured curves", lambda: section_challenges(models, thresholds)),
         ("Time and memory per stage", lambda: section_resources(models)),
     ]

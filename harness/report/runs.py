@@ -23,6 +23,7 @@ class Run:
     structure: dict | None = None  # analysis/structure.json, as stored
     bench: layout.Bench | None = None
     evaluation: layout.Evaluation | None = None
+    recovery: layout.Recovery | None = None  # recipes with a recovery section
     ledger: dict = field(default_factory=dict)  # stage -> its record in runs/<model>/sweep.json
 
     @classmethod
@@ -30,7 +31,8 @@ class Run:
         return cls(run, manifest, sparsity=run.read(layout.SPARSITY_FILE, layout.Sparsity),
                    structure=run.read(layout.STAGE_OUTPUTS["analyze"], dict),
                    bench=run.read(layout.BENCH_FILE, layout.Bench),
-                   evaluation=run.read(layout.EVAL_FILE, layout.Evaluation))
+                   evaluation=run.read(layout.EVAL_FILE, layout.Evaluation),
+                   recovery=run.read(layout.RECOVERY_FILE, layout.Recovery))
 
     @property
     def recipe(self) -> str:

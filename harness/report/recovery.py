@@ -1,0 +1,47 @@
+"""Recovery: what distilling the dense model into a pruned one cost (tokens, time, memory) and its loss curve."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.report.format import number, run_link, table
+from harness.report.plotting import PlotSet, recipe_styles
+from harness.report.runs import ModelRuns, Run
+from harness.rundir import level_name
+
+
+def plot_curves(models: ModelRuns, runs: list[Run], path: Path) -> None:
+    """Training loss against tokens seen, one line per recovered run."""
+    from harness import plots
+
+    styles = recipe_styles(models.recipes)
+    with plots.figure(path, panel_width=7.5) as (fig, (ax,)):
+        for run in runs:
+            curve = run.recovery.curve
+            ax.plot([point.tokens / 1e6 for point in curve], [point.loss for point in curve],
+                    label=f"{run.recipe} {level_name(run.level)} %", **{**styles[run.recipe], "marker": None})
+        ax.set(xlabel="training tokens (millions)", ylabel="distillation loss per optimizer step", yscale="log")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.suptitle(f"{models.name}: recovery loss curves")
+
+
+def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
+    runs = [run for run in models.runs if run.recovery]
+    if not runs:
+        return ["No run of this model has a recovery recipe (`sparseml/*-recover`): one-shot results only.", ""]
+    lines = ["Runs whose recipe distils the dense model into the pruned one afterwards, with the mask fixed "
+             "(their accuracy is in the accuracy section, beside the one-shot recipes at the same levels). "
+             "Loss: KL to the dense model's logits (or embedding cosine + MSE for headless encoders), "
+             "mean of the last 10 % of steps. Wall time and peak memory are the whole prune stage's.", ""]
+    rows = []
+    for run in runs:
+        recovery, record = run.recovery, run.stage_record("prune")
+        tail = recovery.curve[-max(1, len(recovery.curve) // 10):]
+        rows.append([run.recipe, level_name(run.level), number(recovery.plan.get("corpus")), number(recovery.tokens),
+                     number(recovery.steps), number(recovery.curve[0].loss),
+                     number(sum(point.loss for point in tail) / len(tail)), number(record.get("wall_time_s")),
+                     number(record.get("peak_rss_mb")), run_link(run)])
+    lines += table(["recipe", "level %", "corpus", "tokens", "steps", "first loss", "final loss", "prune s",
+                    "peak MB", "run directory"], rows)
+    path = plots.path("recovery")
+    plot_curves(models, runs, path)
+    return lines + ["", plots.image(path, "recovery loss curves"), ""]
