@@ -56,7 +56,8 @@ from harness.layout import (BENCH_FILE, SPARSITY_FILE, Bench, EngineStatus, Flop
                             Timing, to_json)
 from harness.rundir import RunDir, fingerprint, stage_run, write_json
 from harness.sizes import sizes
-from harness.timing import busy_cpu_warning, cpu_info, cpu_seconds, other_load, physical_threads, scenario_name, summarize
+from harness.timing import (busy_cpu_warning, cpu_info, cpu_seconds, node_kind, other_load, physical_threads,
+                            scenario_name, summarize)
 
 DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_SEQ_LEN = 128
@@ -176,7 +177,8 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> Bench:
 
 def dense_bench(dense_run: RunDir, settings: dict) -> Bench:
     """Level 0's bench.json, benched first if missing; it must have been timed with the same settings, on
-    at least the engines this level times (a sparse level may time fewer, e.g. only DeepSparse)."""
+    at least the engines this level times (a sparse level may time fewer, e.g. only DeepSparse), on the same
+    kind of machine (a cluster's nodes may differ: speedups compare timings from one kind only)."""
     path = dense_run.path / BENCH_FILE
     if not path.exists():
         print(f"bench: no dense timings in {dense_run.path}; benching level 0 first")
@@ -191,6 +193,11 @@ def dense_bench(dense_run: RunDir, settings: dict) -> Bench:
         problem = f"other settings ({', '.join(differing)})" if differing else f"without {', '.join(untimed)}"
         raise HarnessError(f"{path} was timed {problem}; bench level 0 again with these settings (--force) "
                            f"or use --dense-timings alongside")
+    there, here = node_kind(document.cpu), node_kind(cpu_info())
+    if there != here:
+        differs = ", ".join(f"{key} {there[key]!r} there, {here[key]!r} here" for key in here if there[key] != here[key])
+        raise HarnessError(f"{path} was timed on another kind of machine ({differs}); bench level 0 on this one "
+                           f"(--force) or use --dense-timings alongside")
     return document
 
 

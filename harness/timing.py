@@ -114,11 +114,16 @@ def busy_cpu_warning(others: float, threads: int) -> list[str]:
             f"the times are unreliable; use an idle machine or fewer --threads"]
 
 
+NODE_KIND = ("model", "physical_cores", "logical_cores", "avx")  # what makes two machines' timings comparable
+
+
 def cpu_info() -> dict:
-    """The CPU's model name, core counts, 1-minute load average and AVX/AMX/VNNI flags."""
+    """The machine that timed (host name), its CPU's model name, core counts, 1-minute load average and
+    AVX/AMX/VNNI flags."""
     import platform
 
-    info = {"model": platform.processor() or platform.machine(), "physical_cores": psutil.cpu_count(logical=False),
+    info = {"node": platform.node(), "model": platform.processor() or platform.machine(),
+            "physical_cores": psutil.cpu_count(logical=False),
             "logical_cores": psutil.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
     try:
         with open("/proc/cpuinfo") as handle:
@@ -132,3 +137,8 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def node_kind(info: dict) -> dict:
+    """The part of `cpu_info()` that must match for two timings to be compared."""
+    return {key: info.get(key) for key in NODE_KIND}

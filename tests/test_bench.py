@@ -10,7 +10,7 @@ from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 
 from harness import bench, child, cli, engines, export, flops, layout, load, sizes, sparsity, timing
 from harness.errors import HarnessError
-from harness.rundir import read_json
+from harness.rundir import read_json, write_json
 from conftest import RECIPE, write_run
 
 # One thread: DeepSparse's spinning worker threads slow down badly when the CPU is shared (CI).
@@ -238,3 +238,13 @@ def test_level0_dense_timings_are_reused_only_with_the_same_settings(gpt2_bench)
         bench.bench(run, {**settings, "iterations": 2}, force=True)
     with pytest.raises(HarnessError, match="without deepsparse"):
         bench.bench(run, {**settings, "engines": ["deepsparse", "pytorch"]}, force=True)
+    # timed on another kind of machine (as a cluster node may be): no speedups from it
+    level0_path = write_run("tiny-gpt2", 0).path / layout.BENCH_FILE
+    document = read_json(level0_path)
+    assert document["cpu"]["node"] and document["cpu"]["physical_cores"] >= 1
+    write_json(level0_path, {**document, "cpu": {**document["cpu"], "physical_cores": document["cpu"]["physical_cores"] + 8}})
+    try:
+        with pytest.raises(HarnessError, match=r"another kind of machine \(physical_cores \d+ there, \d+ here\)"):
+            bench.bench(run, settings, force=True)
+    finally:
+        write_json(level0_path, document)
