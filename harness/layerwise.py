@@ -156,15 +156,14 @@ def run_block(block: Block, inputs: BlockInputs) -> list[torch.Tensor]:
     return [_first(block.module(*args, **kwargs)) for args, kwargs in inputs.calls]
 
 
-def sequential(model, targets: list[str], batches: list[dict],
+def sequential(model, found: list[Block], batches: list[dict],
                calibrate_and_prune: Callable[[Block, Callable[[], object]], None]) -> Iterator[str]:
     """Prune block by block: `calibrate_and_prune(block, run)` installs its statistics hooks, calls `run()`
     (the block on its inputs: the outputs of the already-pruned blocks before it), removes them and
-    prunes the block's targets. Yields each block's name when it is done."""
+    prunes the block's targets. `found` is `blocks(model, targets)`. Yields each block's name when it is done."""
     if not batches:
         raise HarnessError("sequential calibration needs calibration batches")
     model.eval()
-    found = blocks(model, targets)
     chained = chained_transitions(model, found, batches[0])
     inputs = capture(model, found[0], batches)
     for i, block in enumerate(found):

@@ -31,6 +31,7 @@ from harness.layout import CurvePoint, Recovery
 from harness.rundir import fingerprint, write_atomic
 
 STATE_FILE = "recovery-state.pt"
+KEY_FILE = "recovery-state.key"  # the state's key, readable without loading the state
 TRAINABLE = ("targets", "targets+norms+biases")
 
 
@@ -139,12 +140,14 @@ class Resume:
         return state if state.get("key") == self.key else None
 
     def exists(self) -> bool:
-        return self.load() is not None
+        key_file = self.directory / KEY_FILE
+        return self.path.exists() and key_file.exists() and key_file.read_text() == self.key
 
     def save(self, state: dict) -> None:
         buffer = io.BytesIO()
         torch.save({**state, "key": self.key}, buffer)
         write_atomic(self.path, buffer.getvalue())
+        write_atomic(self.directory / KEY_FILE, self.key)
 
 
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, architecture: str, targets: list[str],

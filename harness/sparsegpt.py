@@ -39,6 +39,6 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
                 wrapper.free()
 
     found = layerwise.blocks(model, targets)
-    for _ in tqdm(layerwise.sequential(model, targets, batches, calibrate_and_prune), total=len(found),
+    for _ in tqdm(layerwise.sequential(model, found, batches, calibrate_and_prune), total=len(found),
                   desc="SparseGPT, block by block", unit="block"):
         pass

@@ -43,8 +43,8 @@ def test_each_block_is_calibrated_on_the_outputs_of_the_pruned_blocks_before_it(
         seen[block.name] = hidden
         halve(model, block.targets)
 
-    done = list(layerwise.sequential(model, targets, batches, calibrate_and_prune))
     found = layerwise.blocks(model, targets)
+    done = list(layerwise.sequential(model, found, batches, calibrate_and_prune))
     assert done == [block.name for block in found] and len(done) >= 2
     assert sorted(t for block in found for t in block.targets) == sorted(targets)
     assert sparsity.zero_fraction(dict(model.named_parameters())[t] for t in targets) == pytest.approx(0.5, abs=0.01)
