@@ -13,6 +13,10 @@ A recipe file has a short harness header and, under `recipe:`, the backend's own
     recipe: |
       ... backend's own YAML; ${sparsity} (a fraction), ${targets} and ${params} are substituted ...
 
+A recipe with some parameters changed is a variant of its own name, `<backend>/<name>@<param>=<value>,...`
+(e.g. `sparseml/oneshot-wanda@allocation=owl`): a recipe name accepts that form, `--set` gives the same
+name, and its runs live in their own directory beside the defaults' runs.
+
 A value `${name}` in `calibration` or `recovery` is the parameter `name`. Calibration reads
 `samples` sequences of `seq_len` tokens (default: the model's `seq_len`, capped by its context) from
 a training corpus (`harness/corpora.yaml`), never from an evaluation split; `recovery` holds fields
@@ -36,6 +40,7 @@ from harness.paths import RECIPES_DIR
 DEFAULT_RECIPE = "sparseml/oneshot-magnitude"
 HEADER_KEYS = {"backend", "description", "architectures", "targets", "calibration", "recovery", "params", "recipe"}
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+VARIANT_MARK = "@"  # `<recipe>@<param>=<value>,...`: the recipe with those parameters
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -61,6 +66,12 @@ class Recipe:
     recovery_header: dict | None = None
     params: dict = field(default_factory=dict)
     body: str = ""
+    defaults: dict = field(default_factory=dict)  # the params as the file gives them
+
+    @property
+    def base_name(self) -> str:
+        """The recipe file's name, without a variant's parameters."""
+        return self.name.partition(VARIANT_MARK)[0]
 
     @property
     def calibration(self) -> Calibration:
@@ -119,7 +130,11 @@ class Recipe:
             raise HarnessError(f"recipe {self.name} has no parameter {', '.join(unknown)} "
                                f"(it has: {', '.join(self.params) or 'none'})")
         typed = {name: self._typed_value(name, value) for name, value in overrides.items()}
-        return Recipe(**{**self.__dict__, "params": {**self.params, **typed}})
+        params = {**self.params, **typed}
+        changed = {name: value for name, value in sorted(params.items()) if value != self.defaults.get(name)}
+        name = self.base_name + (VARIANT_MARK + ",".join(f"{key}={_text(value)}" for key, value in changed.items())
+                                 if changed else "")
+        return Recipe(**{**self.__dict__, "name": name, "params": params})
 
     def _typed_value(self, name: str, value):
         """`value` as the type of the parameter's default: text is parsed like a `--set` value, an int
@@ -140,7 +155,17 @@ def available() -> list[str]:
 
 
 def load_recipe(name: str) -> Recipe:
-    """Read and validate `recipes/<name>.yaml` (or a path to a recipe file)."""
+    """Read and validate `recipes/<name>.yaml` (or a path to a recipe file), or a variant `<name>@<param>=<value>,...`."""
+    name, mark, variant = name.partition(VARIANT_MARK)
+    recipe = _load_file(name)
+    if not mark:
+        return recipe
+    if not variant:
+        raise HarnessError(f"recipe variant {name}{VARIANT_MARK} names no parameters (e.g. {name}{VARIANT_MARK}steps=200)")
+    return recipe.with_params(parse_overrides(variant.split(","), what=f"recipe variant {name}{VARIANT_MARK}{variant}"))
+
+
+def _load_file(name: str) -> Recipe:
     path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
     if not path.exists():
         raise HarnessError(f"unknown recipe '{name}': available are {', '.join(available())}")
@@ -172,6 +197,7 @@ def load_recipe(name: str) -> Recipe:
         architectures=tuple(header.get("architectures") or ("encoder", "decoder", "encoder-decoder")),
         targets=targets, calibration_header=_section(header, "calibration", path) or {},
         recovery_header=_section(header, "recovery", path), params=dict(header.get("params") or {}), body=body,
+        defaults=dict(header.get("params") or {}),
     )
 
 
@@ -197,12 +223,17 @@ def parse_value(text: str):
         return text
 
 
-def parse_overrides(pairs: list[str]) -> dict:
+def _text(value) -> str:
+    """A parameter value as a variant name shows it; `parse_value` reads it back."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def parse_overrides(pairs: list[str], what: str = "--set") -> dict:
     """`["steps=200", "lr=1e-4", "pattern=2:4"]` -> `{"steps": 200, "lr": 0.0001, "pattern": "2:4"}`."""
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise HarnessError(f"--set expects name=value, got {pair!r}")
+            raise HarnessError(f"{what} expects name=value, got {pair!r}")
         overrides[key] = parse_value(value)
     return overrides

@@ -87,6 +87,25 @@ def test_parameters_take_the_type_of_their_default():
         recipe.with_params({"lr": "NaN"})
 
 
+def test_a_recipe_with_changed_parameters_is_a_variant_with_its_own_name_and_runs(capsys, runs_root):
+    variant = load_recipe(GRADUAL).with_params({"steps": 8, "lr": 1e-4, "hold_steps": 4})  # hold_steps: its default
+    assert variant.name == f"{GRADUAL}@lr=0.0001,steps=8" and variant.base_name == GRADUAL
+    same = load_recipe(f"{GRADUAL}@steps=8,lr=1e-4")
+    assert (same.name, same.params) == (variant.name, variant.params)
+    assert load_recipe(GRADUAL).with_params({"steps": load_recipe(GRADUAL).defaults["steps"]}).name == GRADUAL
+    with pytest.raises(HarnessError, match="has no parameter stepz"):
+        load_recipe(f"{GRADUAL}@stepz=8")
+    with pytest.raises(HarnessError, match="expects name=value"):
+        load_recipe(f"{GRADUAL}@steps")
+    assert cli.main(["prune", "--model", "tiny-gpt2", "--level", "50", "--recipe", GRADUAL,
+                     "--set", "steps=8", "--set", "hold_steps=2"]) == 0
+    assert cli.main(["prune", "--model", "tiny-gpt2", "--level", "50", "--recipe", GRADUAL]) == 0
+    recipes_dir = runs_root / "tiny-gpt2" / "sparseml"
+    assert sorted(d.name for d in recipes_dir.iterdir()) == ["gradual-magnitude", "gradual-magnitude@hold_steps=2,steps=8"]
+    manifest = RunDir("tiny-gpt2", f"{GRADUAL}@hold_steps=2,steps=8", 50).manifest()
+    assert manifest["params"]["steps"] == 8 and manifest["recipe"] == f"{GRADUAL}@hold_steps=2,steps=8"
+
+
 # --- the backend contract and registry --------------------------------------------------------------
 
 def test_every_registered_backend_provides_the_contract():
