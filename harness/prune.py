@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import torch
 
-from harness import backends, corpus, load, recovery, sparsity
+from harness import backends, corpus, layout, load, quantize, recovery, sparsity
 from harness.errors import HarnessError
 from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
 from harness.recipes import DEFAULT_RECIPE, Calibration, Recipe, load_recipe, parse_overrides
@@ -44,20 +44,6 @@ def calibration_batches(loaded: load.LoadedModel, calibration: Calibration) -> l
     return batches
 
 
-def recovery_plan(recipe: Recipe) -> recovery.RecoveryPlan | None:
-    """The recipe's recovery settings as a checked plan, or None without recovery."""
-    settings = recipe.recovery
-    if settings is None:
-        return None
-    fields = recovery.RecoveryPlan.__dataclass_fields__
-    unknown = sorted(set(settings) - set(fields))
-    if unknown:
-        raise HarnessError(f"recipe {recipe.name}: recovery has no setting {unknown[0]} (settings: {', '.join(fields)})")
-    plan = recovery.RecoveryPlan(**settings)
-    plan.check()
-    return plan
-
-
 def check_supported(backend: backends.Backend, recipe: Recipe, spec: load.ModelSpec) -> None:
     supported = set(recipe.architectures) & set(backend.ARCHITECTURES)
     if spec.architecture not in supported:
@@ -65,15 +51,20 @@ def check_supported(backend: backends.Backend, recipe: Recipe, spec: load.ModelS
                            f"(it supports: {', '.join(sorted(supported))})")
 
 
-def check_schedule(backend: backends.Backend, recipe: Recipe, fraction: float) -> None:
-    """Fail on a recipe whose schedule needs calibration data or a learning rate its header does not give."""
+def check_schedule(backend: backends.Backend, recipe: Recipe, fraction: float) -> backends.Schedule:
+    """The recipe's schedule; fails on one that needs calibration data or training its header does not give."""
     schedule = backend.schedule(recipe, fraction)
-    training = f"fine-tunes for {schedule.steps} steps"
-    if schedule.needs_calibration and not recipe.calibration.samples:
-        raise HarnessError(f"recipe {recipe.name} {training if schedule.steps else 'calibrates on data'}: give it "
-                           f"calibration data (`calibration: {{samples: N}}` in its header)")
-    if schedule.steps and "lr" not in recipe.params:
-        raise HarnessError(f"recipe {recipe.name} {training}: add `lr` to its params")
+    if schedule.calibrates and not recipe.calibration.samples:
+        raise HarnessError(f"recipe {recipe.name} calibrates on data: give it calibration data "
+                           f"(`calibration: {{samples: N}}` in its header)")
+    plan = recipe.recovery
+    if schedule.steps and not plan:
+        raise HarnessError(f"recipe {recipe.name} trains for {schedule.steps} steps: give it a `recovery` section "
+                           f"(its training text and token budget)")
+    if schedule.steps > (plan.steps if plan else 0):
+        raise HarnessError(f"recipe {recipe.name} schedules {schedule.steps} training steps but its recovery budget "
+                           f"is {plan.steps} steps: end its schedule by ${{train_steps}}")
+    return schedule
 
 
 def check_level(backend: backends.Backend, job: backends.PruneJob) -> None:
@@ -95,19 +86,26 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     recipe = load_recipe(recipe_name).with_params(overrides or {})
     backend = backends.get_backend(recipe.backend)
     check_supported(backend, recipe, spec)
-    load.checkpoint_dir(spec)  # fail on a missing model before anything is written
+    source = load.checkpoint_dir(spec)  # fail on a missing model before anything is written
+    quantize.check_available(recipe, source)
     run = RunDir(spec.name, recipe.name, level)
     inputs = fingerprint(spec.to_dict(), recipe.text, recipe.params, level, SEED)
     if not force and run.is_current("prune", inputs, [MODEL_SUBDIR, SPARSITY_FILE]):
         print(f"prune: {run.path} is up to date (use --force to redo)")
         return run
-    plan = recovery_plan(recipe) if level > 0 else None
+    plan = recipe.recovery
+    if level == 0 and not (plan and plan.control):  # the dense baseline, saved unchanged
+        plan = None
+    gradual = False  # the recipe prunes while training (then the training is its recovery)
     if level > 0:
-        check_schedule(backend, recipe, level / 100)
+        gradual = check_schedule(backend, recipe, level / 100).steps > 0
         if plan:
             corpus.resolve_corpus(plan.corpus)
         if recipe.calibration.samples:
             corpus.resolve_corpus(recipe.calibration.corpus)
+
+    if recipe.quantization:
+        corpus.resolve_corpus(recipe.quantization.calibration.corpus)
 
     random.seed(SEED)
     np.random.seed(SEED)
@@ -123,19 +121,33 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
             job = backends.PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, recipe=recipe,
                                     sparsity=level / 100, targets=targets)
             resume = recovery.Resume(run.resume_dir, plan, targets, inputs) if plan else None
-            if level > 0 and not (resume and resume.exists()):  # a resumed recovery has the pruned weights
+            teacher = load.load_model(spec).model if plan else None
+            outcomes = []
+
+            def distil(hooks: recovery.Hooks | None = None) -> layout.Recovery:
+                outcomes.append(recovery.recover(loaded.model, teacher, loaded.tokenizer, spec.architecture, targets,
+                                                 plan, resume, hooks=hooks))
+                return outcomes[-1]
+
+            if gradual:
+                job.train = distil
+            if level > 0 and not (resume and resume.exists() and not gradual):  # a resumed recovery has the pruned weights
                 if recipe.calibration.samples:
                     job.calibration = calibration_batches(loaded, recipe.calibration)
                 backend.prune(job)
                 check_level(backend, job)
-            if resume:
-                teacher = load.load_model(spec).model
-                outcome = recovery.recover(loaded.model, teacher, loaded.tokenizer, spec.architecture, targets,
-                                           plan, resume)
-                del teacher
+            if plan and not gradual:
+                distil()
                 check_level(backend, job)
-                write_json(tmp / RECOVERY_FILE, to_json(outcome))
-                record.update(recovery_tokens=outcome.tokens, recovery_wall_time_s=outcome.wall_time_s)
+            del teacher
+            if outcomes:
+                write_json(tmp / RECOVERY_FILE, to_json(outcomes[0]))
+                record.update(recovery_tokens=outcomes[0].tokens, recovery_wall_time_s=outcomes[0].wall_time_s)
+            if recipe.quantization:  # last: the quantized weights are what the run saves
+                quantized = quantize.quantize(loaded.model, recipe, calibration_batches(
+                    loaded, recipe.quantization.calibration), targets, tmp)
+                record.update(quantized_weights=quantized["quantized_weights"],
+                              quantization_zeros_preserved=quantized["zeros_preserved"])
             loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True, max_shard_size=load.SHARD_BYTES)
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
             measured = sparsity.measure(tmp / MODEL_SUBDIR, targets, level)

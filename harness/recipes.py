@@ -17,7 +17,15 @@ A recipe with some parameters changed is a variant of its own name, `<backend>/<
 (e.g. `sparseml/oneshot-wanda@allocation=owl`): a recipe name accepts that form, `--set` gives the same
 name, and its runs live in their own directory beside the defaults' runs.
 
-A value `${name}` in `calibration` or `recovery` is the parameter `name`. Calibration reads
+A pruning recipe composed with a quantization recipe of the same backend (one whose header says
+`kind: quantization`, e.g. `recipes/sparseml/int8.yaml`) is `<backend>/<pruning>+<quantization>[@<param>=<value>,...]`
+(e.g. `sparseml/oneshot-sparsegpt+int8`): the prune stage quantizes after pruning and recovery
+(`harness.quantize`), the variant's parameters are the pruning recipe's, and the composed recipe
+supports the architectures both support.
+
+A value `${name}` in `calibration` or `recovery` is the parameter `name`. In a recipe with `recovery`,
+the body may also use `${train_steps}` (the optimizer steps of its token budget) and `${ramp_steps}`
+(the first `ramp` fraction of them): a gradual recipe ramps its sparsity over those while distilling. Calibration reads
 `samples` sequences of `seq_len` tokens (default: the model's `seq_len`, capped by its context) from
 a training corpus (`harness/corpora.yaml`), never from an evaluation split; `recovery` holds fields
 of `harness.recovery.RecoveryPlan`.
@@ -38,9 +46,12 @@ from harness.errors import HarnessError
 from harness.paths import RECIPES_DIR
 
 DEFAULT_RECIPE = "sparseml/oneshot-magnitude"
-HEADER_KEYS = {"backend", "description", "architectures", "targets", "calibration", "recovery", "params", "recipe"}
+HEADER_KEYS = {"backend", "kind", "description", "architectures", "targets", "calibration", "recovery", "params",
+               "recipe"}
+KINDS = ("pruning", "quantization")  # a recipe's `kind:` (default pruning)
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 VARIANT_MARK = "@"  # `<recipe>@<param>=<value>,...`: the recipe with those parameters
+QUANTIZATION_MARK = "+"  # `<backend>/<pruning>+<quantization>`: prune, then quantize
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -67,6 +78,8 @@ class Recipe:
     params: dict = field(default_factory=dict)
     body: str = ""
     defaults: dict = field(default_factory=dict)  # the params as the file gives them
+    kind: str = "pruning"
+    quantization: "Recipe | None" = None  # the quantization recipe composed after this pruning recipe
 
     @property
     def base_name(self) -> str:
@@ -75,12 +88,7 @@ class Recipe:
 
     @property
     def calibration(self) -> Calibration:
-        values = self._header_values(self.calibration_header, "calibration")
-        unknown = sorted(set(values) - set(Calibration.__dataclass_fields__))
-        if unknown:
-            raise HarnessError(f"recipe {self.path}: calibration has no field {unknown[0]} "
-                               f"(fields: {', '.join(Calibration.__dataclass_fields__)})")
-        calibration = Calibration(**values)
+        calibration = Calibration(**self._section_fields(self.calibration_header, "calibration", Calibration))
         if type(calibration.samples) is not int or calibration.samples < 0 \
                 or not (calibration.seq_len is None or (type(calibration.seq_len) is int and calibration.seq_len > 1)):
             raise HarnessError(f"recipe {self.name}: calibration samples must be a whole number >= 0 and seq_len "
@@ -88,9 +96,24 @@ class Recipe:
         return calibration
 
     @property
-    def recovery(self) -> dict | None:
-        """The recovery settings (RecoveryPlan fields), or None for a recipe without recovery."""
-        return None if self.recovery_header is None else self._header_values(self.recovery_header, "recovery")
+    def recovery(self):
+        """The recovery settings as a checked `harness.recovery.RecoveryPlan`, or None without recovery."""
+        if self.recovery_header is None:
+            return None
+        from harness.recovery import RecoveryPlan  # imports torch: only for recipes that train
+
+        plan = RecoveryPlan(**self._section_fields(self.recovery_header, "recovery", RecoveryPlan))
+        plan.check()
+        return plan
+
+    def _section_fields(self, section: dict, where: str, record: type) -> dict:
+        """A header section's values (parameters filled in), refusing a field `record` does not have."""
+        values = self._header_values(section, where)
+        unknown = sorted(set(values) - set(record.__dataclass_fields__))
+        if unknown:
+            raise HarnessError(f"recipe {self.name}: {where} has no field {unknown[0]} "
+                               f"(fields: {', '.join(record.__dataclass_fields__)})")
+        return values
 
     def _header_values(self, section: dict, where: str) -> dict:
         def value(item):
@@ -111,7 +134,9 @@ class Recipe:
 
     def render_text(self, sparsity: float, targets: list[str], **extra) -> str:
         """`render` before YAML parsing, for recipe formats plain YAML cannot load (SparseML's `!Modifier` tags)."""
-        values = {**{k: json.dumps(v) for k, v in self.params.items()},
+        plan = self.recovery
+        training = {"train_steps": plan.steps, "ramp_steps": plan.ramp_steps} if plan else {}
+        values = {**{k: json.dumps(v) for k, v in {**self.params, **training}.items()},
                   "sparsity": repr(round(sparsity, 6)), "targets": json.dumps(targets),
                   **{k: json.dumps(v) for k, v in extra.items()}}
 
@@ -157,12 +182,35 @@ def available() -> list[str]:
 def load_recipe(name: str) -> Recipe:
     """Read and validate `recipes/<name>.yaml` (or a path to a recipe file), or a variant `<name>@<param>=<value>,...`."""
     name, mark, variant = name.partition(VARIANT_MARK)
-    recipe = _load_file(name)
+    recipe = _load_composed(name)
     if not mark:
         return recipe
     if not variant:
         raise HarnessError(f"recipe variant {name}{VARIANT_MARK} names no parameters (e.g. {name}{VARIANT_MARK}steps=200)")
     return recipe.with_params(parse_overrides(variant.split(","), what=f"recipe variant {name}{VARIANT_MARK}{variant}"))
+
+
+def unquantized(name: str) -> str:
+    """The pruning recipe of a composed recipe's name (`a/b+int8@x=1` -> `a/b@x=1`); other names unchanged."""
+    base, mark, variant = name.partition(VARIANT_MARK)
+    return base.partition(QUANTIZATION_MARK)[0] + mark + variant
+
+
+def _load_composed(name: str) -> Recipe:
+    """A pruning recipe, or `<pruning>+<quantization>`: the pruning recipe with the quantization recipe composed."""
+    name, mark, quantization_name = name.partition(QUANTIZATION_MARK)
+    recipe = _load_file(name)
+    if not mark:
+        return recipe
+    quantization = _load_file(f"{recipe.backend}/{quantization_name}") if "/" not in quantization_name \
+        else _load_file(quantization_name)
+    if quantization.kind != "quantization" or quantization.backend != recipe.backend:
+        raise HarnessError(f"recipe {name}{QUANTIZATION_MARK}{quantization_name}: {quantization.name} is not a "
+                           f"{recipe.backend} quantization recipe (`kind: quantization`, backend {recipe.backend})")
+    composed = f"{recipe.name}{QUANTIZATION_MARK}{quantization.name.rpartition('/')[2]}"
+    return Recipe(**{**recipe.__dict__, "name": composed, "text": recipe.text + quantization.text,
+                     "architectures": tuple(a for a in recipe.architectures if a in quantization.architectures),
+                     "quantization": quantization})
 
 
 def _load_file(name: str) -> Recipe:
@@ -191,13 +239,15 @@ def _load_file(name: str) -> Recipe:
     if not isinstance(body, str):
         body = yaml.safe_dump(body, sort_keys=False)
     recipe_name = name if not name.endswith((".yaml", ".yml")) else path.stem
+    if header.get("kind", "pruning") not in KINDS:
+        raise HarnessError(f"recipe {path}: kind must be one of {', '.join(KINDS)}, got {header['kind']!r}")
     return Recipe(
         name=recipe_name, path=path, text=text, backend=header["backend"],
         description=header.get("description", ""),
         architectures=tuple(header.get("architectures") or ("encoder", "decoder", "encoder-decoder")),
         targets=targets, calibration_header=_section(header, "calibration", path) or {},
         recovery_header=_section(header, "recovery", path), params=dict(header.get("params") or {}), body=body,
-        defaults=dict(header.get("params") or {}),
+        defaults=dict(header.get("params") or {}), kind=header.get("kind", "pruning"),
     )
 
 

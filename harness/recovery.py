@@ -1,4 +1,5 @@
-"""Recovery: distil the dense model into the pruned one on training text, with the mask fixed.
+"""Recovery: distil the dense model into the pruned one on training text, with the mask fixed, or
+train through a gradual recipe's pruning schedule.
 
 The student is the pruned model, the teacher the dense one it came from. Batches are fixed-length
 sequences of a training corpus (`corpus.token_sequences`, never evaluation data), a token budget
@@ -7,11 +8,14 @@ loss: for models with logits (decoders, encoder-decoders, classifiers), temperat
 the teacher's distribution, mixed with the model's own language-modelling loss by `kl_weight`; for
 headless encoders (MiniLM), one minus the cosine of the mean-pooled embeddings plus the mean squared
 error of the last hidden states. Every pruned weight stays exactly zero: its mask is re-applied after
-each optimizer step.
+each optimizer step. A gradual recipe passes its backend's `Hooks` instead: they run around every step
+and own the masks (the sparsity ramps over the first `ramp` of the steps, then stays fixed).
 
 A long run checkpoints its state (trained weights, optimizer, step, loss curve, RNG) every
 `checkpoint_minutes` into a resume directory; started again with the same plan, it goes on from
-there and ends with the same weights as an uninterrupted run.
+there and ends with the same weights as an uninterrupted run. With hooks, the steps before the checkpoint
+are replayed through them without training, so the backend's schedule is where it was; its masks are
+recomputed from the checkpointed weights, whose pruned weights are zero.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -50,6 +55,8 @@ class RecoveryPlan:
     corpus: str = corpus.DEFAULT_CORPUS
     checkpoint_minutes: float = 10.0
     seed: int = 0
+    ramp: float = 0.0  # gradual recipes: fraction of the steps over which the sparsity ramps (0: pruned before)
+    control: bool = False  # level 0 trains too: the domain-adaptation control (`sweep --control`)
 
     @property
     def sequences_per_step(self) -> int:
@@ -64,8 +71,25 @@ class RecoveryPlan:
             raise HarnessError(f"recovery: trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if min(self.tokens, self.seq_len, self.batch_size, self.accumulation) < 1 or self.lr <= 0:
             raise HarnessError("recovery: tokens, seq_len, batch_size, accumulation and lr must be positive")
-        if not 0 <= self.kl_weight <= 1 or not 0 <= self.warmup < 1:
-            raise HarnessError("recovery: kl_weight must be in [0, 1] and warmup in [0, 1)")
+        if not 0 <= self.kl_weight <= 1 or not 0 <= self.warmup < 1 or not 0 <= self.ramp <= 1:
+            raise HarnessError("recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)")
+
+    @property
+    def ramp_steps(self) -> int:
+        return round(self.ramp * self.steps)
+
+
+def _nothing(step: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a pruning schedule does around each training step (step numbers from 0)."""
+
+    before_step: Callable[[int], None] = _nothing
+    before_optimizer_step: Callable[[int], None] = _nothing  # gradients are available here
+    after_step: Callable[[int], None] = _nothing
 
 
 def trainable_names(model: torch.nn.Module, targets: list[str], trainable: str) -> list[str]:
@@ -151,9 +175,10 @@ class Resume:
 
 
 def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, architecture: str, targets: list[str],
-            plan: RecoveryPlan, resume: Resume) -> Recovery:
+            plan: RecoveryPlan, resume: Resume, hooks: Hooks | None = None) -> Recovery:
     """Train `student` in place (continuing from `resume`'s state if it has one: then the student's target
-    weights need not be pruned yet, the state holds them); returns what `recovery.json` holds."""
+    weights need not be pruned yet, the state holds them); returns what `recovery.json` holds.
+    Without `hooks` the mask is the student's zeros, fixed; with them, the pruning schedule's."""
     plan.check()
     trained = trainable_names(student, targets, plan.trainable)
     needed, available = memory_needed(student, trained, plan), psutil.virtual_memory().available
@@ -177,16 +202,19 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         torch.set_rng_state(state["rng"])
     else:
         torch.manual_seed(plan.seed)
-    masks = {name: params[name] != 0 for name in targets}
+    masks = {} if hooks else {name: params[name] != 0 for name in targets}
+    hooks = hooks or Hooks()
+    _replay(hooks, start_step, trained, params)
     has_labels = getattr(student.config, "is_encoder_decoder", False) or architecture == "decoder"
     teacher.eval()
     student.train()
     started, last_save = time.time(), time.time()
     progress = tqdm(range(start_step, plan.steps), initial=start_step, total=plan.steps, unit="step",
-                    desc=f"recovery ({plan.tokens / 1e6:g}M tokens)")
+                    desc=f"{'distillation' if masks else 'pruning + distillation'} ({plan.tokens / 1e6:g}M tokens)")
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(plan, step)
+        hooks.before_step(step)
         total = 0.0
         for micro in range(plan.accumulation):
             first = (step * plan.accumulation + micro) * plan.batch_size
@@ -196,8 +224,10 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
             loss = distillation_loss(student(**batch), teacher_out, batch, plan) / plan.accumulation
             loss.backward()
             total += float(loss.detach())
+        hooks.before_optimizer_step(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        hooks.after_step(step)
         with torch.no_grad():
             for name, mask in masks.items():
                 params[name].mul_(mask)
@@ -214,3 +244,17 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         param.requires_grad_(True)
     return Recovery(plan=asdict(plan), curve=curve, tokens=plan.steps * plan.sequences_per_step * plan.seq_len,
                     steps=plan.steps, wall_time_s=round(time.time() - started, 1), resumed_from=resumed_from)
+
+
+def _replay(hooks: Hooks, steps: int, trained: list[str], params: dict) -> None:
+    """Take a pruning schedule through `steps` steps without training (resuming a gradual run). The
+    gradients a criterion may read are the weights themselves, so scores rank by magnitude and the
+    restored zeros stay pruned."""
+    for step in range(steps):
+        hooks.before_step(step)
+        for name in trained:
+            params[name].grad = params[name].detach().clone()
+        hooks.before_optimizer_step(step)
+        for name in trained:
+            params[name].grad = None
+        hooks.after_step(step)

@@ -12,7 +12,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.layout import MANIFEST
 from harness.paths import runs_dir
-from harness.recipes import DEFAULT_RECIPE
+from harness.recipes import DEFAULT_RECIPE, unquantized
 from harness.rundir import RunDir, parse_level, read_json, safe_name
 
 
@@ -47,12 +47,14 @@ def run_from_args(args) -> RunDir:
     return resolve_run(args.model, args.recipe, args.level)
 
 
-def dense_baseline(run: RunDir, stage: str) -> RunDir:
-    """Level 0 of the run's model and recipe, pruned first if it does not exist yet."""
-    baseline = RunDir(run.model, run.recipe, 0.0)
+def dense_baseline(run: RunDir, stage: str, fp32: bool = False) -> RunDir:
+    """Level 0 of the run's model and recipe, pruned first if it does not exist yet; with `fp32`, of its
+    pruning recipe without quantization (the dense FP32 model a quantized run is compared with)."""
+    recipe = unquantized(run.recipe) if fp32 else run.recipe
+    baseline = RunDir(run.model, recipe, 0.0)
     if not baseline.exists():
         from harness.prune import prune  # torch and the backends: only when a baseline must be made
 
-        print(f"{stage}: no dense baseline for {run.model} {run.recipe}; pruning level 0 first")
-        prune(run.model, 0, run.recipe)
+        print(f"{stage}: no dense baseline for {run.model} {recipe}; pruning level 0 first")
+        prune(run.model, 0, recipe)
     return baseline

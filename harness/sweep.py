@@ -27,7 +27,7 @@ from harness.errors import HarnessError
 from harness.evaluate import parse_limit
 from harness.load import ModelSpec, resolve_spec
 from harness.paths import runs_dir
-from harness.recipes import DEFAULT_RECIPE
+from harness.recipes import DEFAULT_RECIPE, load_recipe
 from harness.layout import SWEEP_FILE
 from harness.rundir import RunDir, level_name, parse_level, read_json, safe_name, write_json
 
@@ -158,8 +158,12 @@ def _failed(statuses: dict) -> bool:
 
 def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str],
           limit: str | int | None = None, force: bool = False, stage_args: dict[str, list[str]] | None = None,
-          discard_artifacts: bool = False, isolate: bool = False, executor: str = "local") -> dict:
+          discard_artifacts: bool = False, isolate: bool = False, executor: str = "local",
+          control: bool = False) -> dict:
     """Run `stages` over the grid; returns {model: {"<recipe>/<level>": {stage: status}}}.
+
+    With `control`, each recipe with recovery also runs at level 0 as its variant `@control=true`: the
+    same training on the dense model, so a recovered model is compared with the dense model trained alike.
 
     `executor` "local" runs the grid here, run after run; "ray" runs it as Ray tasks (harness.ray_executor).
     """
@@ -167,6 +171,8 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
     specs = [resolve_spec(model) for model in models]
     options = LevelOptions(limit, force, stage_args, isolate, discard_artifacts)
     grid = [GridRun(spec, recipe, level) for spec in specs for recipe in recipes for level in levels]
+    if control:
+        grid += [GridRun(spec, name, 0.0) for spec in specs for name in controls(recipes)]
     summary = {spec.name: {} for spec in specs}  # this sweep's grid only (the ledger keeps earlier sweeps' runs)
     ledgers = {spec.name: _read_ledger(spec.name) for spec in specs}
     levels_left = Counter((cell.spec.name, cell.recipe) for cell in grid)
@@ -191,6 +197,12 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
             _discard(baseline.run)
     _print_summary(summary, stages)
     return summary
+
+
+def controls(recipes: list[str]) -> list[str]:
+    """The control variants (`@control=true`) of the recipes that train."""
+    trained = [load_recipe(name) for name in recipes]
+    return [recipe.with_params({"control": True}).name for recipe in trained if recipe.recovery]
 
 
 def _read_ledger(model: str) -> dict:
@@ -251,6 +263,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--executor", choices=EXECUTORS, default="local",
                         help="local: run the grid in this process (default); ray: as Ray tasks on a local Ray "
                              "instance, or on the cluster at RAY_ADDRESS (each stage in its own process)")
+    parser.add_argument("--control", action="store_true",
+                        help="also run each recipe with recovery at level 0 with the same training (the "
+                             "domain-adaptation control: its variant <recipe>@control=true)")
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE:ARGS",
                         help="extra options for one stage, e.g. 'bench:--iterations 5 --batch-sizes 1'")
 
@@ -259,7 +274,7 @@ def main(args) -> None:
     parse_limit(args.limit)  # a bad LIMIT fails before any work
     summary = sweep(args.model, args.recipe or [DEFAULT_RECIPE], args.levels, parse_stages(args.stages),
                     args.limit, args.force, parse_stage_args(args.stage_args), args.discard_artifacts, args.isolate,
-                    args.executor)
+                    args.executor, args.control)
     failed = [(m, k) for m, runs in summary.items() for k, st in runs.items()
               if any(s.get("status") == "failed" for s in st.values())]
     if failed:

@@ -1,10 +1,11 @@
 """Shared fixtures and run builders: every test session writes runs into a temporary directory, never into runs/."""
+import contextlib
 import os
 
 import pytest
 import torch
 
-from harness import environment, load, sparsity
+from harness import environment, load, recovery, sparsity
 from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE, to_json
 from harness.rundir import RunDir, fingerprint, stage_run, staging_dir, write_json
 
@@ -41,3 +42,22 @@ def write_run(model: str, level: float) -> RunDir:
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
             write_json(tmp / SPARSITY_FILE, to_json(sparsity.measure(tmp / MODEL_SUBDIR, targets, level)))
     return run
+
+
+@contextlib.contextmanager
+def killed_after(losses: int):
+    """Training raises KeyboardInterrupt (as Ctrl-C would) at its `losses + 1`-th distillation loss."""
+    real_loss, calls = recovery.distillation_loss, []
+
+    def killed(*args):
+        calls.append(1)
+        if len(calls) > losses:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    recovery.distillation_loss = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        recovery.distillation_loss = real_loss

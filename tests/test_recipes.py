@@ -43,19 +43,21 @@ def recipe_file(tmp_path, name: str, backend: str, params: str = "{}", samples: 
 # --- typed parameters -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model,recipe,options,message", [
-    ("minilm", GRADUAL, ["--set", "steps=abc"],
-     "recipe sparseml/gradual-magnitude: parameter steps must be an integer like its default 16, got 'abc'"),
-    ("tiny-gpt2", GRADUAL, ["--set", "steps=1.5"],
-     "recipe sparseml/gradual-magnitude: parameter steps must be an integer like its default 16, got 1.5"),
-    ("tiny-gpt2", GRADUAL, ["--set", "hold_steps=true"],
-     "recipe sparseml/gradual-magnitude: parameter hold_steps must be an integer like its default 4, got True"),
+    ("minilm", GRADUAL, ["--set", "tokens=abc"],
+     "recipe sparseml/gradual-magnitude: parameter tokens must be an integer like its default 2000000, got 'abc'"),
+    ("tiny-gpt2", GRADUAL, ["--set", "mask_updates=1.5"],
+     "recipe sparseml/gradual-magnitude: parameter mask_updates must be an integer like its default 32, got 1.5"),
+    ("tiny-gpt2", GRADUAL, ["--set", "batch_size=true"],
+     "recipe sparseml/gradual-magnitude: parameter batch_size must be an integer like its default 16, got True"),
     ("tiny-gpt2", GRADUAL, ["--set", "lr=x"],
-     "recipe sparseml/gradual-magnitude: parameter lr must be a number like its default 5e-05, got 'x'"),
+     "recipe sparseml/gradual-magnitude: parameter lr must be a number like its default 0.0001, got 'x'"),
     ("tiny-gpt2", "inc/oneshot-magnitude", ["--set", "pattern=4"],
      "recipe inc/oneshot-magnitude: parameter pattern must be a string like its default '1x1', got 4"),
-    ("tiny-gpt2", GRADUAL, ["--set", "steps=8", "--set", "ramp=8"],
-     "recipe sparseml/gradual-magnitude has no parameter ramp "
-     "(it has: steps, hold_steps, init_sparsity, update_frequency, lr)"),
+    ("tiny-gpt2", GRADUAL, ["--set", "steps=8", "--set", "hold=8"],
+     "recipe sparseml/gradual-magnitude has no parameter hold, steps (it has: corpus, tokens, train_seq_len, "
+     "batch_size, accumulation, lr, temperature, kl_weight, trainable, checkpoint_minutes, control, ramp, init_sparsity, "
+     "mask_updates)"),
+    ("tiny-gpt2", GRADUAL, ["--set", "ramp=1.5"], "recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)"),
     ("tiny-gpt2", GRADUAL, ["--set", "steps"], "--set expects name=value, got 'steps'"),
 ])
 def test_a_bad_parameter_is_one_line_and_nothing_is_created(capsys, runs_root, model, recipe, options, message):
@@ -75,35 +77,37 @@ def test_a_bool_parameter_takes_only_true_or_false(capsys, runs_root, tmp_path):
 
 def test_parameters_take_the_type_of_their_default():
     recipe = load_recipe(GRADUAL)
-    assert recipe.with_params({"steps": 200}).params["steps"] == 200
-    assert recipe.with_params({"steps": "200"}).params["steps"] == 200
+    assert recipe.with_params({"tokens": 200}).params["tokens"] == 200
+    assert recipe.with_params({"tokens": "200"}).params["tokens"] == 200
     assert recipe.with_params({"lr": 1e-4}).params["lr"] == 1e-4
     assert recipe.with_params({"lr": "1e-4"}).params["lr"] == 1e-4
     three = recipe.with_params({"lr": 3}).params["lr"]
     assert three == 3.0 and type(three) is float
-    assert "ramp_steps: 200\n" in recipe.with_params({"steps": "200"}).render_text(0.9, [])
+    # 1024 tokens = 2 steps of 16 x 32 tokens; the sparsity ramps over 3/4 of them
+    short = recipe.with_params({"tokens": "1024", "train_seq_len": 32, "accumulation": 1})
+    assert "train_steps: 2\nramp_steps: 2\n" in short.render_text(0.9, [])
     assert load_recipe("inc/oneshot-magnitude").with_params({"pattern": "2:4"}).params["pattern"] == "2:4"
     with pytest.raises(HarnessError, match="parameter lr must be a number"):
         recipe.with_params({"lr": "NaN"})
 
 
 def test_a_recipe_with_changed_parameters_is_a_variant_with_its_own_name_and_runs(capsys, runs_root):
-    variant = load_recipe(GRADUAL).with_params({"steps": 8, "lr": 1e-4, "hold_steps": 4})  # hold_steps: its default
-    assert variant.name == f"{GRADUAL}@lr=0.0001,steps=8" and variant.base_name == GRADUAL
-    same = load_recipe(f"{GRADUAL}@steps=8,lr=1e-4")
+    variant = load_recipe(GRADUAL).with_params({"tokens": 8, "lr": 1e-3, "ramp": 0.75})  # ramp: its default
+    assert variant.name == f"{GRADUAL}@lr=0.001,tokens=8" and variant.base_name == GRADUAL
+    same = load_recipe(f"{GRADUAL}@tokens=8,lr=1e-3")
     assert (same.name, same.params) == (variant.name, variant.params)
-    assert load_recipe(GRADUAL).with_params({"steps": load_recipe(GRADUAL).defaults["steps"]}).name == GRADUAL
-    with pytest.raises(HarnessError, match="has no parameter stepz"):
-        load_recipe(f"{GRADUAL}@stepz=8")
+    assert load_recipe(GRADUAL).with_params({"tokens": load_recipe(GRADUAL).defaults["tokens"]}).name == GRADUAL
+    with pytest.raises(HarnessError, match="has no parameter tokenz"):
+        load_recipe(f"{GRADUAL}@tokenz=8")
     with pytest.raises(HarnessError, match="expects name=value"):
-        load_recipe(f"{GRADUAL}@steps")
-    assert cli.main(["prune", "--model", "tiny-gpt2", "--level", "50", "--recipe", GRADUAL,
-                     "--set", "steps=8", "--set", "hold_steps=2"]) == 0
-    assert cli.main(["prune", "--model", "tiny-gpt2", "--level", "50", "--recipe", GRADUAL]) == 0
-    recipes_dir = runs_root / "tiny-gpt2" / "sparseml"
-    assert sorted(d.name for d in recipes_dir.iterdir()) == ["gradual-magnitude", "gradual-magnitude@hold_steps=2,steps=8"]
-    manifest = RunDir("tiny-gpt2", f"{GRADUAL}@hold_steps=2,steps=8", 50).manifest()
-    assert manifest["params"]["steps"] == 8 and manifest["recipe"] == f"{GRADUAL}@hold_steps=2,steps=8"
+        load_recipe(f"{GRADUAL}@tokens")
+    oneshot = "inc/oneshot-magnitude"
+    assert cli.main(["prune", "--model", "tiny-gpt2", "--level", "50", "--recipe", oneshot, "--set", "pattern=4x1"]) == 0
+    assert cli.main(["prune", "--model", "tiny-gpt2", "--level", "50", "--recipe", oneshot]) == 0
+    recipes_dir = runs_root / "tiny-gpt2" / "inc"
+    assert sorted(d.name for d in recipes_dir.iterdir()) == ["oneshot-magnitude", "oneshot-magnitude@pattern=4x1"]
+    manifest = RunDir("tiny-gpt2", f"{oneshot}@pattern=4x1", 50).manifest()
+    assert manifest["params"]["pattern"] == "4x1" and manifest["recipe"] == f"{oneshot}@pattern=4x1"
 
 
 # --- the backend contract and registry --------------------------------------------------------------
@@ -117,11 +121,13 @@ def test_every_registered_backend_provides_the_contract():
 
 def test_backends_read_the_schedule_of_their_recipes():
     sparseml, inc = backends.get_backend("sparseml"), backends.get_backend("inc")
-    assert sparseml.schedule(load_recipe(GRADUAL), 0.9) == Schedule(steps=20)  # steps + hold_steps
-    assert sparseml.schedule(load_recipe(GRADUAL).with_params({"steps": 6, "hold_steps": 0}), 0.9) == Schedule(6)
+    # the training steps of the token budget: 2M tokens / (128 tokens x 16 x 2 sequences per step)
+    assert sparseml.schedule(load_recipe(GRADUAL), 0.9) == Schedule(steps=488)
+    assert sparseml.schedule(load_recipe(GRADUAL).with_params({"tokens": 6 * 128 * 32}), 0.9) == Schedule(6)
     assert sparseml.schedule(load_recipe("sparseml/oneshot-magnitude"), 0.9) == Schedule(steps=0)
     assert sparseml.schedule(load_recipe("sparseml/oneshot-sparsegpt"), 0.9) == Schedule(steps=0, calibrates=True)
-    assert inc.schedule(load_recipe("inc/gradual-snip-momentum").with_params({"steps": 8}), 0.9) == Schedule(8)
+    # INC's ramp ends at 3/4 of the steps; the rest trains with the mask fixed
+    assert inc.schedule(load_recipe("inc/gradual-snip-momentum").with_params({"tokens": 8 * 128 * 32}), 0.9) == Schedule(6)
     assert inc.schedule(load_recipe("inc/oneshot-magnitude"), 0.9) == Schedule(steps=0)
 
 
@@ -186,10 +192,9 @@ def test_a_backend_that_reaches_the_level_writes_sparsity_json(capsys, monkeypat
 
 @pytest.mark.parametrize("schedule,samples,params,message", [
     (Schedule(steps=3), 0, "{lr: 0.001}",
-     "recipe fake fine-tunes for 3 steps: give it calibration data (`calibration: {samples: N}` in its header)"),
+     "recipe fake trains for 3 steps: give it a `recovery` section (its training text and token budget)"),
     (Schedule(steps=0, calibrates=True), 0, "{}",
      "recipe fake calibrates on data: give it calibration data (`calibration: {samples: N}` in its header)"),
-    (Schedule(steps=3), 2, "{}", "recipe fake fine-tunes for 3 steps: add `lr` to its params"),
 ])
 def test_a_schedule_missing_what_it_needs_fails_before_anything_is_written(
         capsys, monkeypatch, runs_root, tmp_path, schedule, samples, params, message):

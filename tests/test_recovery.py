@@ -7,6 +7,7 @@ import torch
 
 from harness import load, recovery, sparsity
 from harness.errors import HarnessError
+from conftest import killed_after
 
 PLAN = recovery.RecoveryPlan(tokens=16 * 2 * 2 * 32, seq_len=32, batch_size=2, accumulation=2, lr=3e-3,
                              warmup=0.1, checkpoint_minutes=0.0)
@@ -59,24 +60,14 @@ def test_the_encoder_loss_is_zero_for_the_teacher_itself_and_grows_with_the_diff
         < float(recovery.distillation_loss(student_out, teacher_out, batch, PLAN))
 
 
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     student, teacher, tokenizer, architecture, targets = pruned_pair("tiny-gpt2")
     reference = copy.deepcopy(student)
     recovery.recover(reference, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "reference", targets))
 
-    real_loss, calls = recovery.distillation_loss, []
-
-    def killed_at_step_6(*args):
-        calls.append(1)
-        if len(calls) > 6 * PLAN.accumulation:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
     interrupted = copy.deepcopy(student)
-    monkeypatch.setattr(recovery, "distillation_loss", killed_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(losses=6 * PLAN.accumulation):
         recovery.recover(interrupted, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
-    monkeypatch.setattr(recovery, "distillation_loss", real_loss)
     resumed = copy.deepcopy(teacher)  # as prune resumes: the state holds the pruned, trained weights
     result = recovery.recover(resumed, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
     assert result.resumed_from == 6
@@ -112,7 +103,7 @@ def saved_weights(run) -> dict:
     return {k: v for f in sorted(run.model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_result(monkeypatch):
+def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_result():
     from harness import prune
     from harness.layout import RECOVERY_FILE
     from harness.rundir import read_json
@@ -122,19 +113,9 @@ def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_
     curve = read_json(reference.path / RECOVERY_FILE)["curve"]
     assert len(curve) == 12 and not reference.resume_dir.exists()
 
-    real_loss, calls = recovery.distillation_loss, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) > 5:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
-    monkeypatch.setattr(recovery, "distillation_loss", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(losses=5):
         prune.prune("tiny-gpt2", 50, RECOVER, SMALL, force=True)
     assert reference.resume_dir.exists()  # the state outlives the discarded staging directory
-    monkeypatch.setattr(recovery, "distillation_loss", real_loss)
     resumed = prune.prune("tiny-gpt2", 50, RECOVER, SMALL, force=True)
     assert read_json(resumed.path / RECOVERY_FILE)["resumed_from"] == 5
     assert not resumed.resume_dir.exists()
@@ -149,7 +130,7 @@ def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_
 
     markdown = report.report(["tiny-gpt2"])[0].read_text()
     section = markdown.split("## Recovery")[1].split("\n## ")[0]
-    row = next(line for line in section.splitlines() if line.startswith(f"| {RECOVER} | 50 |"))
+    row = next(line for line in section.splitlines() if line.startswith(f"| {resumed.recipe} | 50 |"))
     assert f"| fineweb | {number(SMALL['tokens'])} | 12 | {number(curve[0]['loss'])} |" in row
     assert "recovery loss curves" in section
 
@@ -163,3 +144,25 @@ def test_calibration_reads_full_length_training_sequences_capped_by_the_context(
     assert len(batches) == 3
     assert all(tuple(b["input_ids"].shape) == (1, loaded.model.config.n_positions) for b in batches)
     assert all(bool(b["attention_mask"].all()) and torch.equal(b["labels"], b["input_ids"]) for b in batches)
+
+
+def test_level_0_is_the_untrained_dense_model_unless_the_recipe_asks_for_the_control():
+    from safetensors.torch import load_file
+
+    from harness import prune
+    from harness.layout import RECOVERY_FILE
+    from harness.rundir import read_json
+    from harness.sweep import controls
+
+    source = {k: v for f in load.checkpoint_dir(load.resolve_spec("tiny-gpt2")).glob("*.safetensors")
+              for k, v in load_file(f).items()}
+    short = {**SMALL, "tokens": 4 * 2 * 32}
+    dense = prune.prune("tiny-gpt2", 0, RECOVER, short)
+    assert not (dense.path / RECOVERY_FILE).exists()
+    assert all(torch.equal(value, source[name]) for name, value in saved_weights(dense).items())
+    [control] = controls([dense.recipe, "sparseml/oneshot-magnitude"])
+    assert "control=true," in control and control.startswith(f"{RECOVER}@")
+    trained = prune.prune("tiny-gpt2", 0, control)
+    assert len(read_json(trained.path / RECOVERY_FILE)["curve"]) == 4
+    changed = [name for name, value in saved_weights(trained).items() if not torch.equal(value, source[name])]
+    assert changed and set(changed) <= set(sparsity.prunable_names(load.load_model("tiny-gpt2").model))

@@ -4,8 +4,9 @@ A backend is a module in this package that provides what `Backend` lists (its NA
 ARCHITECTURES it prunes, the LEVEL_HINT shown when a recipe misses its level, `schedule` and
 `prune`) and is named in REGISTRY. Adding a backend (e.g. plain `torch.nn.utils.prune`) is one
 module here, one REGISTRY entry and a recipe using it. The checks common to every backend (the
-schedule's calibration data and learning rate, the level reached) are made once, by the prune stage.
-Other modules here are shared helpers (`training`), not backends.
+schedule's calibration data and training budget, the level reached) are made once, by the prune stage.
+A backend whose schedule trains (gradual pruning) does not train itself: it calls `job.train` with its
+hooks, and the prune stage's trainer (`harness.recovery`: distillation on training text) runs them.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class PruneJob:
     targets: list[str]  # parameter names to prune
     calibration: list[dict] = field(default_factory=list)
     progress: Callable[[str], Any] = print
+    # Trains through the recipe's schedule, calling the schedule's `harness.recovery.Hooks` around each
+    # step, and returns the `layout.Recovery` record (its `steps`); set by the prune stage for recipes that train.
+    train: Callable[[Any], Any] | None = None
 
     def rendered(self, **extra) -> dict:
         """The recipe body with sparsity, targets and params filled in."""
@@ -57,12 +61,8 @@ class PruneJob:
 class Schedule:
     """What a recipe's schedule needs besides the model, known before anything is loaded."""
 
-    steps: int  # fine-tuning steps; 0 for a one-shot recipe
-    calibrates: bool = False  # reads calibration batches even in one shot (SparseGPT)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.steps > 0 or self.calibrates
+    steps: int  # training steps; 0 for a one-shot recipe
+    calibrates: bool = False  # reads calibration batches (SparseGPT)
 
 
 @runtime_checkable

@@ -3,9 +3,10 @@
 The recipe body holds `neural_compressor.config.WeightPruningConfig` keyword arguments; the job's
 target modules are filled in as `${op_names}` (anchored, escaped regexes). The config is driven
 through `neural_compressor.training.prepare_compression` callbacks: INC's schedule covers steps
-`start_step..end_step`, the harness fine-tunes for `end_step` optimizer steps (only the target
-weights train, so every other tensor stays bit-identical), then calls INC's `on_step_begin` once
-more so its last pruning step sets the final mask. With `end_step: 0` nothing is trained: one-shot.
+`start_step..end_step` of the prune stage's training (`job.train`, the recipe's token budget; INC
+keeps applying its masks after `end_step`), then the harness calls INC's `on_step_begin` at `end_step`
+once more when the training ends there, so its last pruning step sets the final mask. With
+`end_step: 0` nothing is trained: one-shot.
 INC keeps its masks in the pruner objects and attaches nothing to the model, so once `prune`
 returns the model is a plain transformers model again.
 
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from harness.backends import PruneJob, Schedule, in_groups, quiet, training
+from harness.backends import PruneJob, Schedule, in_groups, quiet
 from harness.errors import HarnessError
 from harness.recipes import Recipe
 from harness.sparsity import zero_fraction
@@ -145,17 +146,19 @@ def _run_schedule(job: PruneJob) -> dict[int, float]:
         callbacks.on_step_end()
 
     callbacks.on_train_begin()
+    trained_steps = 0
     if end_step > 0:
-        training.fine_tune(job.model, job.calibration, end_step, float(job.recipe.params["lr"]),
-                           before_step=step_begin, after_step=step_end, desc="INC pruning",
-                           before_optimizer_step=before_optimizer_step)
-    step_begin(end_step)
+        from harness.recovery import Hooks
+
+        trained_steps = job.train(Hooks(step_begin, before_optimizer_step, step_end)).steps
+    if trained_steps <= end_step:
+        step_begin(end_step)
     callbacks.on_train_end()
     return ramp
 
 
 def schedule(recipe: Recipe, sparsity: float) -> Schedule:
-    """INC fine-tunes until the last pruner's `end_step`."""
+    """INC's schedule trains until (at least) the last pruner's `end_step`."""
     with _quiet_inc():
         return Schedule(steps=max(c["end_step"] for c in _pruner_configs(_pruning_config(recipe, sparsity, [], []))))
 
@@ -163,8 +166,7 @@ def schedule(recipe: Recipe, sparsity: float) -> Schedule:
 def prune(job: PruneJob) -> None:
     """Prune `job.targets` with INC's pruners to `job.sparsity`, fine-tuning if the schedule has steps
     (layer-wise one-shot recipes in groups of layers, `in_groups`)."""
-    with _quiet_inc(), _linear_views(job.model, job.target_modules), \
-            training.only_trainable(job.model, job.targets):
+    with _quiet_inc(), _linear_views(job.model, job.target_modules):
         if _layer_wise_one_shot(_pruning_config(job.recipe, job.sparsity, job.targets, job.target_modules)):
             # one group at a time: INC's model wrapper sets and pops os.environ keys, which races in threads
             in_groups(job, _run_schedule, workers=1)

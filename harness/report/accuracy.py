@@ -45,8 +45,10 @@ def accuracy_points(models: ModelRuns) -> dict[str, dict[str, Series]]:
 
 
 def dense_value(series: Series) -> tuple[Run, float] | None:
-    """The level-0 (dense baseline) value, from the first recipe that has one."""
-    for recipe in sorted(series):
+    """The level-0 (dense baseline) value, from the first recipe that has one; an untrained one first (a
+    recipe's level 0 with `control` was trained like its pruned levels)."""
+    dense = sorted(((run.recovery is not None, recipe) for recipe in series for run, _ in series[recipe] if run.level == 0))
+    for _, recipe in dense:
         for run, entry in series[recipe]:
             if run.level == 0:
                 return run, entry.value

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.report.accuracy import accuracy_points, dense_value
 from harness.report.format import number, run_link, table
 from harness.report.plotting import PlotSet, recipe_styles
 from harness.report.runs import ModelRuns, Run
@@ -44,4 +45,23 @@ def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
                     "peak MB", "run directory"], rows)
     path = plots.path("recovery")
     plot_curves(models, runs, path)
-    return lines + ["", plots.image(path, "recovery loss curves"), ""]
+    return lines + ["", plots.image(path, "recovery loss curves"), ""] + control_lines(models)
+
+
+def control_lines(models: ModelRuns) -> list[str]:
+    """The domain-adaptation controls (a recipe's level 0 trained like its pruned levels) beside the dense model."""
+    rows = []
+    for benchmark, metrics in accuracy_points(models).items():
+        for metric, series in metrics.items():
+            dense = dense_value(series)
+            for recipe, entries in series.items():
+                for run, entry in entries:
+                    if run.level == 0 and run.recovery and dense and dense[0].recovery is None:
+                        rows.append([recipe, benchmark, metric, number(dense[1]), number(entry.value),
+                                     number(entry.value - dense[1]), run_link(run)])
+    if not rows:
+        return []
+    return ["Domain-adaptation control: the dense model given the same training as the recovered runs "
+            "(`make sweep ... ARGS=--control`), beside the untrained dense model. A recovered model that "
+            "beats the dense model may owe it to the training text; compare it with the control too.", "",
+            *table(["recipe", "benchmark", "metric", "dense", "dense + training", "Δ", "run directory"], rows), ""]
