@@ -35,6 +35,7 @@ compiles; the parity check against the unpatched PyTorch model confirms the grap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
@@ -42,10 +43,11 @@ from typing import Iterator
 
 import numpy as np
 
-from harness import load
+from harness import load, quantize
 from harness.errors import HarnessError
 from harness.layout import EXPORT_FILE, ONNX_SUBDIR, SPARSITY_FILE, Sparsity
-from harness.onnx_graphs import decoder_start, graph_files, graph_io, onnx_feeds, run_onnx
+from harness.onnx_graphs import (decoder_start, graph_files, graph_io, onnx_feeds, quantized_ops, run_onnx,
+                                 zero_points)
 from harness.rundir import (WEIGHT_SUFFIXES, RunDir, fingerprint, read_json, require_free_space, stage_run, staging_dir,
                             write_json)
 from harness.runargs import add_run_arguments, run_from_args
@@ -88,14 +90,21 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     weights = sum(f.stat().st_size for f in run.model_dir.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
     require_free_space(run.path, int(weights * EXPORT_SIZE_FACTOR), f"the ONNX export of {run.path}")
     loaded = load.load_model(spec)
+    int8 = quantize.is_quantized(run.path)
+    if int8:  # the parity reference is the fake-quantized model the recipe made
+        loaded = dataclasses.replace(loaded, model=quantize.restore(loaded.model, run.path))
     with stage_run(run.manifest_path, "export", inputs) as record:
         with staging_dir(run.path / ONNX_SUBDIR) as tmp:
-            _export(loaded, tmp)
-            parity = check_parity(loaded, tmp)
+            if int8:
+                _export_int8(loaded, tmp)
+            else:
+                _export(loaded, tmp)
+            parity = check_parity(loaded, tmp, int8)
             zeros = check_zeros(run, tmp)
             graphs = {name: _graph_summary(tmp / name) for name in graph_files(spec.architecture)}
             write_json(tmp / EXPORT_FILE, {"model": spec.name, "architecture": spec.architecture, "task": spec.task,
-                                           "opset": OPSET, "graphs": graphs, "parity": parity, "zeros": zeros})
+                                           "opset": OPSET, "precision": "int8" if int8 else "fp32", "graphs": graphs,
+                                           "parity": parity, "zeros": zeros})
         record.update(opset=OPSET, parity_max_abs_diff=parity["max_abs_diff"], parity_ok=parity["ok"],
                       zeros_preserved=zeros["preserved"], onnx_sparsity_percent=zeros["onnx_percent"])
     return run.path / ONNX_SUBDIR
@@ -118,6 +127,18 @@ def _export(loaded: load.LoadedModel, output: Path) -> None:
     if missing:
         raise HarnessError(f"ONNX export of '{spec.name}' ({loaded.model.config.model_type}) did not write "
                            f"{', '.join(missing)}")
+
+
+def _export_int8(loaded: load.LoadedModel, output: Path) -> None:
+    """A quantized run's graph through SparseML's QAT export (`quantize.export_onnx`), with config and tokenizer."""
+    spec = loaded.spec
+    try:
+        quantize.export_onnx(loaded.model, spec, sample_batch(loaded), output, OPSET)
+    except Exception as exc:
+        raise HarnessError(f"INT8 ONNX export (opset {OPSET}) of '{spec.name}' ({spec.architecture}, task {spec.task}) "
+                           f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    loaded.model.config.save_pretrained(output)
+    loaded.tokenizer.save_pretrained(output)
 
 
 @contextlib.contextmanager
@@ -149,6 +170,7 @@ def _graph_summary(path: Path) -> dict:
         "outputs": outputs,
         "bytes": path.stat().st_size + (external.stat().st_size if external.exists() else 0),
         "external_data": external.exists(),
+        "quantized_ops": quantized_ops(path),
     }
 
 
@@ -162,8 +184,11 @@ def sample_batch(loaded: load.LoadedModel) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
 
 
-def check_parity(loaded: load.LoadedModel, onnx_dir: Path) -> dict:
-    """Max abs diff between ONNX Runtime and PyTorch on the sample batch; raises if over the tolerance."""
+def check_parity(loaded: load.LoadedModel, onnx_dir: Path, int8: bool = False) -> dict:
+    """Max abs diff between ONNX Runtime and PyTorch on the sample batch; raises if over the tolerance.
+
+    An INT8 graph is held to its mean abs diff instead (`quantize.INT8_MEAN_RTOL` x mean |PyTorch output|):
+    integer kernels round a few activations to the neighbouring step of PyTorch's fake quantization."""
     import torch
 
     values = sample_batch(loaded)
@@ -180,17 +205,19 @@ def check_parity(loaded: load.LoadedModel, onnx_dir: Path) -> dict:
     for name, onnx_value in onnx_out.items():
         reference = (torch_out.encoder_last_hidden_state if name == "last_hidden_state" and architecture == "encoder-decoder"
                      else torch_out[name]).numpy()
-        diff = float(np.abs(reference - onnx_value).max())
-        tolerance = ATOL + RTOL * float(np.abs(reference).max())
-        diffs[name] = {"max_abs_diff": diff, "tolerance": tolerance}
-        ok &= diff <= tolerance
+        error = np.abs(reference - onnx_value)
+        checked = "mean_abs_diff" if int8 else "max_abs_diff"
+        diffs[name] = {"max_abs_diff": float(error.max()), "mean_abs_diff": float(error.mean()), "checked": checked,
+                       "tolerance": quantize.INT8_MEAN_RTOL * float(np.abs(reference).mean()) if int8
+                       else ATOL + RTOL * float(np.abs(reference).max())}
+        ok &= diffs[name][checked] <= diffs[name]["tolerance"]
     result = {"max_abs_diff": max(d["max_abs_diff"] for d in diffs.values()), "outputs": diffs, "ok": ok,
               "sample_shape": list(values["input_ids"].shape)}
     if not ok:
-        worst = max(diffs, key=lambda n: diffs[n]["max_abs_diff"] / diffs[n]["tolerance"])
+        worst = max(diffs, key=lambda n: diffs[n][diffs[n]["checked"]] / diffs[n]["tolerance"])
         raise HarnessError(f"ONNX export of '{loaded.spec.name}' ({architecture}) does not match PyTorch: "
-                           f"output {worst} differs by {diffs[worst]['max_abs_diff']:.3g} "
-                           f"(tolerance {diffs[worst]['tolerance']:.3g})")
+                           f"output {worst} differs by {diffs[worst][diffs[worst]['checked']]:.3g} "
+                           f"({diffs[worst]['checked']}; tolerance {diffs[worst]['tolerance']:.3g})")
     return result
 
 
@@ -216,10 +243,12 @@ def check_zeros(run: RunDir, onnx_dir: Path) -> dict:
             zeros, numel = zeros + count, numel + tensor.numel()
     found: Counter = Counter()
     for file in sorted(onnx_dir.glob("*.onnx")):
-        for initializer in onnx.load(str(file)).graph.initializer:
+        graph = onnx.load(str(file)).graph
+        zero = zero_points(graph)  # an INT8 weight's zero is its zero point
+        for initializer in graph.initializer:
             if len(initializer.dims) >= 2:
                 array = numpy_helper.to_array(initializer)
-                found[_shape_zero_key(array.shape, int((array == 0).sum()))] += 1
+                found[_shape_zero_key(array.shape, int((array == zero.get(initializer.name, 0)).sum()))] += 1
     missing = wanted - found
     preserved = not missing
     matched = wanted - missing

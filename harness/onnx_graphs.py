@@ -43,6 +43,41 @@ def ort_session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# Quantized operators: operator -> (input index of a quantized constant, input index of its zero point)
+QUANTIZED_CONSTANT_INPUTS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3), "QLinearMatMul": (3, 5),
+                             "QLinearConv": (3, 5), "DequantizeLinear": (0, 2)}
+
+
+QUANTIZED_OPS = (*QUANTIZED_CONSTANT_INPUTS, "QuantizeLinear")
+
+
+def quantized_ops(path: Path) -> dict[str, int]:
+    """How many quantized operators (integer matmuls and convolutions, quantize/dequantize) a graph holds, by type."""
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    return {kind: count for kind in QUANTIZED_OPS if (count := sum(node.op_type == kind for node in nodes))}
+
+
+def zero_points(graph) -> dict[str, int]:
+    """{initializer name: the value that stands for 0.0 in it} for the quantized weights of a graph.
+
+    SparseML stores INT8 weights as uint8 with zero point 128 (what DeepSparse's kernels take), so a
+    pruned zero is a 128 there; every other initializer's zero is 0."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    points = {}
+    for node in graph.node:
+        if node.op_type in QUANTIZED_CONSTANT_INPUTS:
+            value, point = QUANTIZED_CONSTANT_INPUTS[node.op_type]
+            if len(node.input) > point and node.input[value] in initializers and node.input[point] in initializers:
+                zero = numpy_helper.to_array(initializers[node.input[point]])
+                if zero.size == 1:
+                    points[node.input[value]] = int(zero.reshape(-1)[0])
+    return points
+
+
 def onnx_feeds(input_names: list[str], values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds for a graph's inputs from `values`, deriving position_ids and token_type_ids when the graph wants them."""
     feeds = {}

@@ -11,7 +11,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from harness import load, onnx_graphs
+from harness import load, onnx_graphs, quantize
 from harness.layout import COMPRESSED_SUBDIR, SizeEntry, Sizes
 from harness.rundir import RunDir, staging_dir, write_json
 
@@ -75,7 +75,8 @@ def write_bitmask(run: RunDir) -> Path:
 
 
 def sizes(run: RunDir, onnx_dir: Path, architecture: str, gzip_level: int = 6) -> Sizes:
-    """Bytes and bits per weight of the checkpoint, the ONNX graphs, both gzipped, and the sparse-bitmask format."""
+    """Bytes and bits per weight of the checkpoint, the ONNX graphs, both gzipped, and the sparse-bitmask format;
+    for a quantized run also its INT8 checkpoint (its ONNX graphs are INT8 already)."""
     from harness.sparsity import saved_tensors
 
     params = sum(tensor.numel() for _, tensor in saved_tensors(run.model_dir))
@@ -96,4 +97,6 @@ def sizes(run: RunDir, onnx_dir: Path, architecture: str, gzip_level: int = 6) -
         onnx=entry(sum(p.stat().st_size for p in onnx_files)),
         onnx_gzip=entry(onnx_gzip),
         sparse_bitmask=entry(sum(p.stat().st_size for p in bitmask)),
+        checkpoint_int8=entry(quantize.int8_checkpoint(run.path).stat().st_size) if quantize.is_quantized(run.path)
+        else None,
     )

@@ -7,6 +7,10 @@ A sentence embedding is the mean of the last hidden states over the sentence's t
   regularization is chosen inside each training fold);
 - embedding_fidelity: mean cosine between this run's embeddings and those of the dense source
   checkpoint on the same sentences (1.0 = pruning changed nothing).
+
+An INT8 run's probe reads the exported INT8 graph's embeddings (on DeepSparse, or ONNX Runtime where it
+cannot run): PyTorch holds its INT8 weights but computes in FP32, so the deployed graph is the model;
+its engine check then records the cosine to those PyTorch embeddings.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import time
 
 import numpy as np
 
+from harness import quantize
 from harness.errors import HarnessError
 from harness.evaluators import EvalJob, agreement, engine_outputs, label_index, mean_metric, pytorch_outputs, table
 from harness.layout import EngineCheck, Outcome
@@ -77,10 +82,17 @@ def evaluate_probe(job: EvalJob) -> Outcome:
     texts, raw_labels = table(job.source, config["columns"], config["label_column"], job.limit)
     labels = [label_index(raw, ["0", "1"], job.source.describe()) for raw in raw_labels]
     embeddings = embed(job.loaded, texts, config.get("batch_size", 32), f"{job.benchmark} (PyTorch)")
+    int8 = quantize.is_quantized(job.loaded.path)
+    if int8:
+        start, pytorch_embeddings = time.time(), embeddings
+        embeddings, runtime = _engine_embeddings(job, texts)
     regularization, seed = config["C"], config["seed"]
     folds = probe_fold_accuracies(embeddings, labels, config["folds"], seed, regularization)
     outcome = Outcome(len(texts), {"accuracy": mean_metric(folds)}, folds=folds)
-    if "deepsparse" in job.engines:
+    if int8:
+        outcome.deepsparse = EngineCheck(runtime, round(time.time() - start, 2), sample=len(texts),
+                                         mean_cosine_vs_pytorch=float((embeddings * pytorch_embeddings).sum(1).mean()))
+    elif "deepsparse" in job.engines:
         start = time.time()
         sample = texts[:config.get("engine_sample", 128)]
         engine_embeddings, runtime = _engine_embeddings(job, sample)

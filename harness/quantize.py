@@ -1,0 +1,328 @@
+"""INT8 after pruning: a quantization recipe composed with a pruning recipe, `<backend>/<pruning>+<quantization>`.
+
+The prune stage runs the quantization recipe (e.g. `recipes/sparseml/int8.yaml`) last, after pruning and
+recovery: post-training quantization calibrated on the training corpus (the quantization recipe's
+`calibration`, read through `prune.calibration_batches`, never evaluation data). Weights are quantized
+symmetrically (zero point 0), so a pruned zero stays a zero; the step checks that every zero survives.
+The run then holds:
+
+    model/                             the checkpoint with each quantized weight replaced by its INT8 value
+                                       times its scale (FP32, exact) and each bias put on the int32 grid the
+                                       INT8 graph adds it on, so every PyTorch stage reads the quantized
+                                       weights and `sparsity.json` is recounted from them
+    quantization/recipe.yaml           the backend's quantization recipe as applied (QUANTIZATION_SUBDIR)
+    quantization/qparams.safetensors   the calibrated quantization state (scales, zero points, observers)
+    quantization/int8.safetensors      the INT8 checkpoint: each quantized weight as int8 plus `<name>.scale`,
+                                       every other tensor as saved in model/ (what `sizes` reports)
+    quantization/quantization.json     what was quantized, calibration, zeros before and after
+
+`restore` turns the run's PyTorch model back into the fake-quantized model the recipe made (its
+reference for the export's parity check), and `export_onnx` writes the graph DeepSparse runs with its
+INT8 kernels: SparseML's QAT export folded into MatMulInteger / QLinearMatMul with QuantizeLinear ops.
+
+SparseML 1.8 was written for torch <= 2.1: with torch 2.x's slotted `QConfig` it cannot attach its
+scheme to a QConfig, so `_sparseml_qconfig` hands it a subclass that can (nothing else changes).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+from harness.layout import MODEL_SUBDIR, QUANTIZATION_SUBDIR
+from harness.recipes import Recipe
+
+RECIPE_FILE = "recipe.yaml"
+QPARAMS_FILE = "qparams.safetensors"
+INT8_FILE = "int8.safetensors"
+SUMMARY_FILE = "quantization.json"
+# Backends whose quantization cannot give a graph DeepSparse runs in the pinned stack: why, in one line.
+UNAVAILABLE = {
+    "inc": "Intel Neural Compressor exports INT8 models to ONNX through onnxruntime.quantization, which does not "
+           "import with the pinned onnx==1.14.1 (it needs TensorProto.INT4)",
+}
+# Model types whose INT8 graph the backend's export cannot build: why, in one line.
+UNSUPPORTED_MODEL_TYPES = {
+    "sparseml": {"deberta-v2": "SparseML 1.8's INT8 ONNX conversion of its graph fails (a clean-up step removes "
+                               "one node twice: ValueError list.remove)"},
+}
+# The parity of the INT8 graph with the fake-quantized PyTorch model (whose biases sit on the graph's int32
+# grid): the same integer arithmetic, so they agree to float rounding (MiniLM 90 %: max abs diff 2.4e-6),
+# except where float rounding moves an activation across an INT8 rounding boundary: that element is one
+# step off and the step spreads through the next layers. Such rare flips fail a max-abs check; the mean
+# stays far below this bound, which a real mismatch exceeds (unquantized biases gave 8 % on MiniLM).
+INT8_MEAN_RTOL = 1e-3  # mean |ONNX - PyTorch| <= this x mean |PyTorch|
+
+
+def check_available(recipe: Recipe, checkpoint: Path) -> None:
+    """Fail in one line on a composed recipe whose backend cannot quantize this model (its `checkpoint`
+    directory) to a DeepSparse INT8 graph here, or that is a quantization recipe on its own."""
+    if recipe.kind == "quantization":
+        raise HarnessError(f"recipe {recipe.name} quantizes: compose it after a pruning recipe, "
+                           f"e.g. {recipe.backend}/oneshot-magnitude+{recipe.base_name.rpartition('/')[2]}")
+    if recipe.quantization is None:
+        return
+    if recipe.backend in UNAVAILABLE:
+        raise HarnessError(f"recipe {recipe.name}: {UNAVAILABLE[recipe.backend]}; "
+                           f"compose with a sparseml recipe instead, e.g. sparseml/oneshot-magnitude+int8")
+    model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    reason = UNSUPPORTED_MODEL_TYPES.get(recipe.backend, {}).get(model_type)
+    if reason:
+        raise HarnessError(f"recipe {recipe.name} cannot quantize {model_type} models: {reason}")
+
+
+def quantization_dir(run_path: Path) -> Path:
+    return Path(run_path) / QUANTIZATION_SUBDIR
+
+
+def int8_checkpoint(run_path: Path) -> Path:
+    return quantization_dir(run_path) / INT8_FILE
+
+
+def is_quantized(run_path: Path) -> bool:
+    """Was this run (or a run's model/ directory) quantized by a composed recipe?"""
+    path = Path(run_path)
+    path = path.parent if path.name == MODEL_SUBDIR else path
+    return (quantization_dir(path) / QPARAMS_FILE).exists()
+
+
+# --- SparseML --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _sparseml_qconfig():
+    """SparseML sets `qconfig.quantization_scheme`; torch 2.x's QConfig has __slots__, a subclass does not."""
+    import torch.ao.quantization as torch_quantization
+    from sparseml.pytorch.sparsification.quantization import quantization_scheme
+
+    class QConfig(torch_quantization.QConfig):
+        pass
+
+    original = quantization_scheme.torch_quantization
+    quantization_scheme.torch_quantization = _Namespace(torch_quantization, QConfig=QConfig)
+    try:
+        yield
+    finally:
+        quantization_scheme.torch_quantization = original
+
+
+class _Namespace:
+    """A module's attributes, some replaced."""
+
+    def __init__(self, module, **replaced):
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name):
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
+
+
+def _manager(text: str):
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    try:
+        return ScheduledModifierManager.from_yaml(text)
+    except (ValueError, TypeError) as exc:
+        raise HarnessError(f"SparseML cannot load the quantization recipe: {exc}") from None
+
+
+def _forward(batch: dict, module) -> None:
+    module(**{name: value for name, value in batch.items() if name != "labels"})
+
+
+def _sparseml_quantize(model, text: str, calibration: list[dict]):
+    """`model` with SparseML's QAT modules, observers calibrated on `calibration` and then frozen."""
+    from harness.backends.sparseml import _loggers, _quiet_sparseml
+    from sparseml.pytorch import utils as logger_module
+
+    model.eval()
+    with _quiet_sparseml(), _sparseml_qconfig():
+        _manager(text).apply(model, loggers=_loggers(logger_module), calibration_dataloader=calibration,
+                             calibration_function=_forward)
+    model.apply(torch.ao.quantization.disable_observer)
+    return model
+
+
+def _sparseml_restore(model, text: str):
+    """The QAT structure of `text` on `model`, observers off (their state comes from qparams)."""
+    from harness.backends.sparseml import _loggers, _quiet_sparseml
+    from sparseml.pytorch import utils as logger_module
+
+    model.eval()
+    with _quiet_sparseml(), _sparseml_qconfig():
+        _manager(text).apply_structure(model, loggers=_loggers(logger_module))
+    model.apply(torch.ao.quantization.disable_observer)
+    return model
+
+
+# --- the step --------------------------------------------------------------------------------------
+
+def _quantized_weights(qat_model) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """{weight parameter name: (int8 values, scale, zero point)} of every weight the QAT model quantizes."""
+    quantized = {}
+    for name, module in qat_model.named_modules():
+        fake_quant = getattr(module, "weight_fake_quant", None)
+        if not isinstance(fake_quant, torch.ao.quantization.FakeQuantizeBase):  # Identity: weights kept FP32
+            continue
+        scale, zero_point = fake_quant.scale, fake_quant.zero_point  # what its forward and the export use
+        if fake_quant.is_per_channel:
+            shape = [-1] + [1] * (module.weight.dim() - 1)
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        values = torch.clamp(torch.round(module.weight.detach() / scale) + zero_point,
+                             fake_quant.quant_min, fake_quant.quant_max)
+        quantized[name] = (values.to(torch.int8), scale.float(), zero_point)
+    return quantized
+
+
+def _bias_scales(qat_model) -> dict[str, torch.Tensor]:
+    """{bias parameter name: input scale x weight scale} of every quantized layer with a bias and INT8 inputs:
+    the INT8 graph adds its bias as int32 on that grid (SparseML's export quantizes it so)."""
+    scales = {}
+    for name, wrapper in qat_model.named_modules():
+        inner, quant = getattr(wrapper, "module", None), getattr(wrapper, "quant", None)
+        input_fake_quant = getattr(quant, "activation_post_process", None)
+        weight_fake_quant = getattr(inner, "weight_fake_quant", None)
+        if all(isinstance(q, torch.ao.quantization.FakeQuantizeBase) for q in (input_fake_quant, weight_fake_quant)) \
+                and getattr(inner, "bias", None) is not None:
+            scales[_hf_name(f"{name}.module", "bias")] = (input_fake_quant.scale * weight_fake_quant.scale).float()
+    return scales
+
+
+def _hf_name(qat_name: str, parameter: str = "weight") -> str:
+    """`...query.module` (SparseML's QuantWrapper child) -> `...query.weight` of the original model."""
+    parts = [part for part in qat_name.split(".") if part != "module"]
+    return ".".join(parts + [parameter])
+
+
+def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str], output: Path) -> dict:
+    """Quantize a pruned `model` with `recipe.quantization`, calibrated on `calibration`; write the run's
+    `quantization/` into `output` (the staging run directory) and put the quantized weights into `model`
+    (FP32 values INT8 x scale), ready for save_pretrained. Returns the summary."""
+    from safetensors.torch import save_file
+
+    quantization = recipe.quantization
+    text = quantization.render_text(0.0, targets)
+    qat = _sparseml_quantize(copy.deepcopy(model), text, calibration)  # the original keeps HF's module names
+    quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
+    params = dict(model.named_parameters())
+    missing = sorted(set(quantized) - set(params))
+    if missing:
+        raise HarnessError(f"quantization recipe {quantization.name} quantized {missing[0]}, which the model does not have")
+    asymmetric = sorted(name for name, (_, _, zero_point) in quantized.items() if bool((zero_point != 0).any()))
+    if asymmetric:
+        raise HarnessError(f"quantization recipe {quantization.name} gives {asymmetric[0]} a zero point other than 0: "
+                           f"quantize weights symmetrically (weights: {{symmetric: true}}) so pruned zeros stay zero")
+    zeros_before = zeros_after = lost = 0
+    with torch.no_grad():
+        for name, (values, scale, _) in quantized.items():
+            weight = params[name]
+            was_zero = weight == 0
+            weight.copy_(values.float() * scale)
+            zeros_before += int(was_zero.sum())
+            zeros_after += int((weight == 0).sum())
+            lost += int((was_zero & (weight != 0)).sum())
+    if lost:
+        raise HarnessError(f"quantization recipe {quantization.name} turned {lost} pruned zeros into non-zeros")
+    bias_scales = _bias_scales(qat)
+    with torch.no_grad():  # the biases as the INT8 graph holds them, so PyTorch and the graph compute the same
+        for name, scale in bias_scales.items():
+            params[name].copy_(torch.round(params[name] / scale) * scale)
+    target_set = set(targets)
+    summary = {
+        "recipe": quantization.name, "backend": quantization.backend,
+        "calibration": {"corpus": quantization.calibration.corpus, "sequences": len(calibration),
+                        "tokens": int(sum(batch["input_ids"].numel() for batch in calibration))},
+        "quantized_weights": len(quantized),
+        "quantized_targets": len(target_set & set(quantized)),
+        "unquantized_targets": sorted(target_set - set(quantized)),
+        "zeros_before": zeros_before, "zeros_after": zeros_after, "zeros_preserved": not lost,
+        "int32_biases": len(bias_scales),
+    }
+    target = quantization_dir(output)
+    target.mkdir()
+    (target / RECIPE_FILE).write_text(text)
+    qparams = {key: value.detach().clone().contiguous() for key, value in qat.state_dict().items()
+               if "fake_quant" in key or "activation_post_process" in key}
+    save_file(qparams, target / QPARAMS_FILE, metadata={"format": "pt"})
+    int8 = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name not in quantized}
+    for name, (values, scale, _) in quantized.items():
+        int8[name], int8[f"{name}.scale"] = values.contiguous(), scale.reshape(-1).contiguous()
+    save_file(_untied(int8), target / INT8_FILE, metadata={"format": "pt"})
+    (target / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _untied(tensors: dict) -> dict:
+    """safetensors refuses tensors sharing memory (tied embeddings): keep one copy of each storage."""
+    seen, result = set(), {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            result[name] = tensor
+    return result
+
+
+def restore(model, run_path: Path):
+    """The run's model (loaded from its model/) as the fake-quantized PyTorch model its recipe made."""
+    from safetensors.torch import load_file
+
+    directory = quantization_dir(run_path)
+    model = _sparseml_restore(model, (directory / RECIPE_FILE).read_text())
+    qparams = load_file(directory / QPARAMS_FILE)
+    state = model.state_dict()
+    unknown = sorted(set(qparams) - set(state))
+    if unknown:
+        raise HarnessError(f"{directory}: the quantization state names {unknown[0]}, which the restored model lacks")
+    for key, value in qparams.items():
+        if state[key].shape != value.shape:  # per-channel observers start with empty buffers
+            state[key].resize_(value.shape)
+        state[key].copy_(value)
+    return model
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+class _MainOutput(torch.nn.Module):
+    """The model with the export's input order and only its main output (optimum's graphs have one too)."""
+
+    def __init__(self, model, input_names: list[str], output_name: str):
+        super().__init__()
+        self.model, self.input_names, self.output_name = model, input_names, output_name
+
+    def forward(self, *inputs, **named):  # SparseML runs it once with the named inputs, then traces it positionally
+        return self.model(**named, **dict(zip(self.input_names, inputs)))[self.output_name]
+
+
+def export_onnx(qat_model, spec, sample: dict, output: Path, opset: int) -> None:
+    """SparseML's QAT export of the fake-quantized model, converted to quantized ops, into `output/model.onnx`,
+    with optimum's input names and dynamic axes (batch_size, sequence_length)."""
+    import onnx
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs with TasksManager)
+    from optimum.exporters.tasks import TasksManager
+    from sparseml.pytorch.utils.exporter import export_onnx as sparseml_export
+
+    from harness.backends.sparseml import _quiet_sparseml
+    from harness.onnx_graphs import onnx_feeds
+
+    constructor = TasksManager.get_exporter_config_constructor("onnx", qat_model, task=spec.task,
+                                                             library_name="transformers")
+    onnx_config = constructor(qat_model.config)
+    axes = {**onnx_config.inputs, **onnx_config.outputs}
+    input_names, (output_name,) = list(onnx_config.inputs), list(onnx_config.outputs)
+    feeds = onnx_feeds(input_names, sample)
+    batch = OrderedDict((name, torch.from_numpy(feeds[name])) for name in input_names)
+    path = output / "model.onnx"
+    with _quiet_sparseml():
+        sparseml_export(_MainOutput(qat_model, input_names, output_name).eval(), batch, str(path), opset=opset,
+                        convert_qat=True, dynamo=False, output_names=[output_name],
+                        dynamic_axes={name: dict(axes[name]) for name in [*input_names, output_name]})
+    graph = onnx.load(str(path))
+    for value in [*graph.graph.input, *graph.graph.output]:  # SparseML names every axis 0 "batch"
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param and index in axes.get(value.name, {}):
+                dim.dim_param = axes[value.name][index]
+    onnx.save(graph, str(path))

@@ -1,0 +1,134 @@
+"""INT8 composed with pruning (`<pruning>+int8`) on a tiny BERT: the recipe name, zeros surviving
+quantization, the INT8 graph's quantized ops and its parity with the fake-quantized PyTorch model,
+the INT8 checkpoint, and one-line refusals of combinations that cannot work."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from harness import evaluate, export, load, prune, quantize, sizes
+from harness.errors import HarnessError
+from harness.layout import SPARSITY_FILE, Sparsity
+from harness.onnx_graphs import quantized_ops, run_onnx, zero_points
+from harness.recipes import load_recipe
+from harness.rundir import RunDir
+from harness.sparsity import saved_tensors
+
+TINY_BERT = {  # SparseML's INT8 export converts BERT's graph (DeBERTa-v2's it cannot: refused)
+    "description": "2-layer BERT encoder, random weights (INT8 tests)", "architecture": "encoder",
+    "source": {"config": {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "intermediate_size": 256, "max_position_embeddings": 128}},
+    "model_class": "AutoModel", "task": "feature-extraction", "seq_len": 32, "benchmarks": ["sst2_probe"],
+}
+RECIPE = "sparseml/oneshot-magnitude+int8"
+# The INT8 graph on ONNX Runtime vs the fake-quantized PyTorch model: the same integer arithmetic, so
+# they agree to float rounding (measured 7e-7 here); FP32 activations differ by more than 10x that bound.
+INT8_PARITY_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    extra = tmp_path_factory.mktemp("registry") / "tiny-bert.yaml"
+    extra.write_text(yaml.safe_dump({"tiny-bert": TINY_BERT}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HARNESS_EXTRA_MODELS", str(extra))
+        fp32 = prune.prune("tiny-bert", 50, "sparseml/oneshot-magnitude")
+        int8 = prune.prune("tiny-bert", 50, RECIPE)
+        yield fp32, int8, export.ensure_onnx(int8)
+
+
+def test_a_composed_recipe_names_its_quantization_and_supports_what_both_support():
+    recipe = load_recipe(RECIPE)
+    assert recipe.name == RECIPE and recipe.quantization.name == "sparseml/int8"
+    assert recipe.architectures == ("encoder",)
+    with pytest.raises(HarnessError, match="is not a sparseml quantization recipe"):
+        load_recipe("sparseml/oneshot-magnitude+oneshot-magnitude")
+
+
+@pytest.mark.parametrize("model, recipe, message", [
+    ("tiny-m2m100", RECIPE, "cannot prune encoder-decoder models like 'tiny-m2m100' (it supports: encoder)"),
+    ("tiny-deberta", "inc/oneshot-magnitude+int8", "onnxruntime.quantization, which does not import"),
+    ("tiny-deberta", RECIPE, "cannot quantize deberta-v2 models: SparseML 1.8's INT8 ONNX conversion"),
+    ("tiny-deberta", "sparseml/int8", "recipe sparseml/int8 quantizes: compose it after a pruning recipe, "
+                                      "e.g. sparseml/oneshot-magnitude+int8"),
+])
+def test_a_combination_that_cannot_work_is_one_line_and_creates_nothing(model, recipe, message):
+    with pytest.raises(HarnessError, match=re.escape(message)) as error:
+        prune.prune(model, 50, recipe)
+    assert "\n" not in str(error.value)
+    assert not RunDir(load.resolve_spec(model).name, load_recipe(recipe).name, 50).path.parent.exists()
+
+
+def test_zeros_survive_quantization(runs):
+    fp32, int8, _ = runs
+    pruned = dict(saved_tensors(fp32.model_dir))
+    quantized = dict(saved_tensors(int8.model_dir))
+    targets = int8.read(SPARSITY_FILE, Sparsity).prunable_tensors
+    checkpoint = load_file(quantize.int8_checkpoint(int8.path))
+    assert targets
+    for name in targets:
+        assert torch.equal(quantized[name] == 0, pruned[name] == 0), name  # the same mask, recounted
+        values, scale = checkpoint[name], checkpoint[f"{name}.scale"]
+        assert values.dtype == torch.int8 and torch.equal(values.float() * scale, quantized[name])
+    assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent == fp32.read(SPARSITY_FILE, Sparsity).achieved_percent
+    summary = (quantize.quantization_dir(int8.path) / quantize.SUMMARY_FILE).read_text()
+    assert '"zeros_preserved": true' in summary
+
+
+def test_int8_graph_has_quantized_ops_and_matches_the_fake_quantized_model(runs):
+    fp32, int8, onnx_dir = runs
+    import onnx
+
+    graph = onnx.load(str(onnx_dir / "model.onnx")).graph
+    ops = quantized_ops(onnx_dir / "model.onnx")
+    linears = 6 * 2  # q, k, v, attention output, intermediate, output per layer
+    assert ops["MatMulInteger"] == linears and ops["QuantizeLinear"] > 0
+    assert len(zero_points(graph)) == linears  # every INT8 weight has its zero point
+    loaded = load.load_model(str(int8.path))
+    values = export.sample_batch(loaded)
+    engine = run_onnx(onnx_dir, "encoder", values)["last_hidden_state"]
+    inputs = {name: torch.from_numpy(array) for name, array in values.items()}
+    with torch.no_grad():
+        weights_only = loaded.model(**inputs).last_hidden_state.numpy()
+        fake_quantized = quantize.restore(loaded.model, int8.path)(**inputs).last_hidden_state.numpy()
+    assert np.abs(engine - fake_quantized).max() < INT8_PARITY_ATOL
+    assert np.abs(engine - weights_only).max() > 10 * INT8_PARITY_ATOL  # activations are INT8 in both
+    summary = export.read_json(onnx_dir / "export.json")
+    assert summary["precision"] == "int8" and summary["parity"]["ok"]
+    assert summary["zeros"]["preserved"] and summary["zeros"]["onnx_percent"] == summary["zeros"]["checkpoint_percent"]
+
+
+def test_int8_graph_compiles_on_deepsparse(runs):
+    deepsparse = pytest.importorskip("deepsparse")
+    from harness.onnx_graphs import static_graph
+
+    _, int8, onnx_dir = runs
+    loaded = load.load_model(str(int8.path))
+    values = {name: np.pad(array, ((0, 0), (0, 32 - array.shape[1]))) for name, array in
+              export.sample_batch(loaded).items()}
+    values["token_type_ids"] = np.zeros_like(values["input_ids"])
+    with static_graph(onnx_dir / "model.onnx", {"batch_size": 2, "sequence_length": 32}) as fixed:
+        engine = deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
+        assert engine.fraction_of_supported_ops == 1.0
+        (hidden,) = engine.run([values[name] for name in ("input_ids", "attention_mask", "token_type_ids")])
+    reference = run_onnx(onnx_dir, "encoder", values)["last_hidden_state"]
+    assert np.abs(hidden - reference).mean() < quantize.INT8_MEAN_RTOL * np.abs(reference).mean()
+
+
+def test_sizes_report_the_int8_checkpoint_beside_the_fp32_one(runs):
+    _, int8, onnx_dir = runs
+    measured = sizes.sizes(int8, onnx_dir, "encoder", gzip_level=1)
+    assert measured.checkpoint_int8.bytes < measured.checkpoint.bytes
+
+
+def test_an_int8_probe_reads_the_int8_graph(runs):
+    _, int8, _ = runs
+    (probe,) = evaluate.evaluate(int8, limit=40, cores=1).benchmarks.values()
+    engine = probe.deepsparse
+    assert probe.status == "done" and engine.sample == probe.examples == 40  # the probe fits the graph's embeddings
+    assert engine.agreement is None  # not a check of the graph against PyTorch's probe: the graph is the model
+    # its INT8 activations move its embeddings from PyTorch's FP32 ones, a little (random weights: ~1e-6)
+    assert 0.99 < engine.mean_cosine_vs_pytorch < 1 - 1e-7
