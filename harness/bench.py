@@ -1,9 +1,11 @@
-"""Stage 5, bench: real CPU speed of a run on DeepSparse, ONNX Runtime and PyTorch, and its size on disk.
+"""Stage 5, bench: real CPU speed of a run on DeepSparse, ONNX Runtime, OpenVINO (FP32 and INT8) and PyTorch,
+and its size on disk.
 
 The engines (`engines`) see the same inputs and time each scenario, a (batch, sequence length) pair:
 each warms up, then repeats until it has at least `--iterations` runs and `--min-time` seconds per
-variant (at most `--max-iterations`; `timing`). DeepSparse compiles one engine per scenario in a child
-process that also times it (a compile that aborts or runs out of memory ends only the child).
+variant (at most `--max-iterations`; `timing`). DeepSparse and OpenVINO compile one engine per scenario
+in a child process that also times it (a compile that aborts or runs out of memory ends only the child);
+OpenVINO INT8 first quantizes each variant's export once (NNCF, calibrated on training text).
 Encoder-decoders time the encoder pass and one decoder pass (one decoder token, no KV cache)
 separately and as one combined step.
 
@@ -12,7 +14,9 @@ missing), timed in the same process with passes alternating between dense and sp
 the same load on a shared CPU. With `--dense-timings level0` the dense figures are instead read from
 level 0's own bench.json (same settings): half the time and one model in memory, for full-size
 models on a quiet machine. Sparse levels may then time fewer engines than level 0 (`--engines
-deepsparse`): the headline still compares with level 0's ONNX Runtime timings. The FLOP-ideal
+deepsparse`): the headline still compares with level 0's ONNX Runtime timings. Each scenario also names
+the fastest dense engine at each precision (FP32, INT8: what a user would pick instead of sparsity) and
+the run's DeepSparse speedup against it. The FLOP-ideal
 speedup (`flops`) counts the multiply-accumulates of one forward pass: Linear/Conv1D weights scale
 with their measured density, everything else stays dense; `efficiency` = measured / ideal shows
 where Amdahl's law bites. Sizes on disk: `sizes`.
@@ -24,7 +28,7 @@ where Amdahl's law bites. Sizes on disk: `sizes`.
                     dense_timings: "alongside" | "level0", gzip_level}
     cpu            {model, physical_cores, logical_cores, load_average_1min (after timing), avx,
                     other_processes_cores (average cores other processes used while timing)}
-    engines        {engine: {status: "ok" | "unavailable", threads, reason?}}
+    engines        {engine: {status: "ok" | "unavailable", threads, precision: "fp32" | "int8", reason?}}
     results        {engine: {scenario: timing}}        scenario = "b<batch>_s<seq>", e.g. "b1_s128"
     dense_results  the same for the dense run, timed alongside or read from level 0 (level 0: the same
                    numbers as results)
@@ -33,6 +37,8 @@ where Amdahl's law bites. Sizes on disk: `sizes`.
                     the top-level figures are the combined encoder + decoder step)
     speedups       {scenario: {<engine>: sparse vs its own dense, headline: DeepSparse sparse vs ONNX Runtime
                     dense, efficiency: {<engine>: speedup / ideal, headline: ...}}} (null if an engine is missing)
+    fastest_dense  {scenario: {precision: {engine, median_ms, speedup}}}  the fastest engine of that precision on
+                   the dense run and DeepSparse sparse vs it (speedup null without DeepSparse; absent in older files)
     flop_ideal     {scenario: {speedup, macs_dense, macs_sparse, prunable_share, other_linear_share,
                     other_matmul_share, max_speedup, parts?: {encoder: {...}, decoder: {...}}}}  (per sequence)
     sizes          {params, checkpoint, checkpoint_gzip, onnx, onnx_gzip, sparse_bitmask: {bytes, bits_per_weight}}
@@ -49,11 +55,11 @@ import warnings
 from tqdm import tqdm
 
 from harness import export, load, runargs
-from harness.engines import ENGINES, Variant, synthetic_inputs
+from harness.engines import ENGINES, Variant, engine_precision, synthetic_inputs
 from harness.errors import HarnessError
 from harness.flops import flop_ideal_for
-from harness.layout import (BENCH_FILE, SPARSITY_FILE, Bench, EngineStatus, FlopIdeal, PartTiming, Sparsity, Speedup,
-                            Timing, to_json)
+from harness.layout import (BENCH_FILE, SPARSITY_FILE, Bench, EngineStatus, FastestDense, FlopIdeal, PartTiming,
+                            Sparsity, Speedup, Timing, to_json)
 from harness.rundir import RunDir, fingerprint, stage_run, write_json
 from harness.sizes import sizes
 from harness.timing import (busy_cpu_warning, cpu_info, cpu_seconds, node_kind, other_load, physical_threads,
@@ -84,7 +90,8 @@ def bench_engines(variants: dict[str, Variant], settings: dict,
                     desc=f"bench {some.run.model} {some.run.level:g}%")
     for name in settings["engines"]:
         engine = ENGINES[name]
-        statuses[name] = EngineStatus("ok", threads)
+        precision = engine_precision(engine, variants["sparse"].run)
+        statuses[name] = EngineStatus("ok", threads, precision=precision)
         for batch_size, seq_len in scenarios:
             scenario = scenario_name(batch_size, seq_len)
             progress.set_postfix_str(f"{name} {scenario}")
@@ -100,10 +107,10 @@ def bench_engines(variants: dict[str, Variant], settings: dict,
                 others = [other for other in settings["engines"] if other != name]
                 warnings_out.append(f"{engine.label} unavailable {reason}; "
                                     + (f"{', '.join(others)} results only there" if others else "no timings there"))
-                statuses[name] = EngineStatus("unavailable", threads, reason)
+                statuses[name] = EngineStatus("unavailable", threads, reason, precision)
                 progress.update(len(scenarios) - len(results["sparse"].get(name, {})))
                 break
-            for side in variants:
+            for side in times:  # an engine may time only some variants (OpenVINO INT8: the FP32 ones)
                 results[side].setdefault(name, {})[scenario] = summarize(times[side], batch_size, seq_len, threads)
             progress.update(1)
         for side in variants.values():
@@ -129,13 +136,32 @@ def speedups(results: Results, dense_results: Results, ideal: dict[str, FlopIdea
     return out
 
 
+def fastest_dense(results: Results, dense_results: Results, scenarios: list[str],
+                  precisions: dict[str, str]) -> dict[str, dict[str, FastestDense]]:
+    """Per scenario and precision: the dense engine with the lowest median, and DeepSparse sparse vs it.
+    `precisions` maps engine names to the precision they computed the dense run in, "fp32" | "int8"."""
+    out = {}
+    for scenario in scenarios:
+        sparse = results.get("deepsparse", {}).get(scenario)
+        for precision in sorted(set(precisions.values())):
+            timed = {engine: by_scenario[scenario] for engine, by_scenario in dense_results.items()
+                     if precisions.get(engine) == precision and scenario in by_scenario}
+            if timed:
+                engine = min(timed, key=lambda name: timed[name].median_ms)
+                dense_ms = timed[engine].median_ms
+                out.setdefault(scenario, {})[precision] = FastestDense(
+                    engine, dense_ms, round(dense_ms / sparse.median_ms, 4) if sparse else None)
+    return out
+
+
 def bench(run: RunDir, settings: dict, force: bool = False) -> Bench:
     """Benchmark a run against its dense baseline (exporting both if needed); writes `<run>/bench.json`."""
     run.require("prune")
-    dense_run = runargs.dense_baseline(run, "bench")
-    reuse_dense = run.level > 0 and settings["dense_timings"] == "level0"
+    dense_run = runargs.dense_baseline(run, "bench", fp32=True)  # a quantized run is compared with dense FP32
+    alone = dense_run.path == run.path  # the dense baseline itself
+    reuse_dense = not alone and settings["dense_timings"] == "level0"
     dense_document = dense_bench(dense_run, settings) if reuse_dense else None
-    timed_runs = [run] if reuse_dense or run.level == 0 else [run, dense_run]
+    timed_runs = [run] if reuse_dense or alone else [run, dense_run]
     # The weights' identity (their prune records), not the exports: a finished run may have had its
     # checkpoint and ONNX discarded to save disk, and its bench.json still stands.
     inputs = fingerprint([(r.stage_record("prune") or {}).get("finished") for r in timed_runs],
@@ -167,7 +193,9 @@ def bench(run: RunDir, settings: dict, force: bool = False) -> Bench:
             results=results["sparse"], dense_results=dense_results,
             speedups=speedups(results["sparse"], dense_results, ideal), flop_ideal=ideal,
             sizes=sizes(run, sparse.onnx_dir, sparse.spec.architecture, settings["gzip_level"]),
-            warnings=bench_warnings)
+            warnings=bench_warnings,
+            fastest_dense=fastest_dense(results["sparse"], dense_results, list(ideal),
+                                        {name: engine_precision(engine, dense_run) for name, engine in ENGINES.items()}))
         write_json(run.path / BENCH_FILE, to_json(result))
         first = scenario_name(settings["batch_sizes"][0], settings["seq_len"])
         record.update(headline_speedup=result.speedups[first].headline,
@@ -213,25 +241,30 @@ def format_table(result: Bench) -> str:
     lines = [f"bench: {result.model} {result.recipe} level {result.level:g}% "
              f"(achieved {result.achieved_percent:.1f}% of prunable weights), seq {settings['seq_len']}, "
              f"{settings['threads']} threads; median ms (dense -> sparse)",
-             f"{'engine':<12} {'scenario':<10} {'part':<9} {'dense':>9} {'sparse':>9} {'p90':>9} {'items/s':>9} "
+             f"{'engine':<13} {'scenario':<10} {'part':<9} {'dense':>9} {'sparse':>9} {'p90':>9} {'items/s':>9} "
              f"{'speedup':>8} {'eff.':>6}"]
     for engine, scenarios in result.results.items():
         for scenario, timing in scenarios.items():
             dense = result.dense_results.get(engine, {}).get(scenario)
             speedup = result.speedups[scenario]
-            lines.append(f"{engine:<12} {scenario:<10} {'all':<9} {_ms(dense):>9} {_ms(timing):>9} "
+            lines.append(f"{engine:<13} {scenario:<10} {'all':<9} {_ms(dense):>9} {_ms(timing):>9} "
                          f"{timing.p90_ms:>9.2f} {timing.items_per_s:>9.1f} "
                          f"{_x(speedup.engines[engine]):>8} {_num(speedup.efficiency[engine]):>6}")
             for part, part_timing in (timing.parts or {}).items():
-                lines.append(f"{'':<12} {'':<10} {part:<9} {_ms(dense.parts[part] if dense else None):>9} "
+                lines.append(f"{'':<13} {'':<10} {part:<9} {_ms(dense.parts[part] if dense else None):>9} "
                              f"{_ms(part_timing):>9} {part_timing.p90_ms:>9.2f}")
     for engine, status in result.engines.items():
         if status.status != "ok":
-            lines.append(f"{engine:<12} unavailable: {status.reason}")
+            lines.append(f"{engine:<13} unavailable: {status.reason}")
     for scenario, entry in result.speedups.items():
         ideal = result.flop_ideal[scenario]
         lines.append(f"{scenario}: DeepSparse sparse vs ONNX Runtime dense {_x(entry.headline)}, "
                      f"FLOP-ideal {ideal.speedup:.2f}x, efficiency {_num(entry.efficiency['headline'])}")
+        fastest = result.fastest_dense.get(scenario, {})
+        if fastest:
+            lines.append(f"{scenario}: DeepSparse sparse vs the fastest dense engine: " + ", ".join(
+                f"{precision.upper()} {ENGINES[best.engine].label if best.engine in ENGINES else best.engine} "
+                f"({best.median_ms:.2f} ms) {_x(best.speedup)}" for precision, best in fastest.items()))
     ideal = next(iter(result.flop_ideal.values()))
     limit = f"{ideal.max_speedup:.1f}x" if ideal.max_speedup else "unbounded"
     lines.append(f"MACs per sequence: {ideal.prunable_share:.0%} in prunable weights, {ideal.other_linear_share:.0%} "

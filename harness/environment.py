@@ -21,6 +21,8 @@ DEFAULTS = {
     # The tokenizers' Rust thread pool does not survive a fork: with it on, the child processes the
     # stages start get a warning each, and a forked child can deadlock.
     "TOKENIZERS_PARALLELISM": "false",
+    # NNCF (the bench's OpenVINO INT8 engine) sends usage telemetry unless this is set (its only effect).
+    "NNCF_CI": "1",
 }
 
 

@@ -10,6 +10,7 @@ from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 
 from harness import bench, child, cli, engines, export, flops, layout, load, sizes, sparsity, timing
 from harness.errors import HarnessError
+from harness.report.format import number
 from harness.rundir import read_json, write_json
 from conftest import RECIPE, write_run
 
@@ -56,7 +57,9 @@ def test_bench_json_schema_and_sane_values(gpt2_bench):
     assert "reason" not in stored["engines"]["deepsparse"] and "parts" not in stored["results"]["pytorch"]["b1_s16"]
     assert run.stage_record("bench")["status"] == "done"
     assert result.dense_run == str(write_run("tiny-gpt2", 0).path)
-    assert result.engines == {engine: layout.EngineStatus("ok", 1) for engine in engines.ENGINES}  # DeepSparse runs here
+    assert result.engines == {name: layout.EngineStatus("ok", 1, precision="int8" if name == "openvino-int8" else "fp32")
+                              for name in engines.ENGINES}  # DeepSparse runs here
+    assert stored["engines"]["openvino-int8"]["precision"] == "int8" and stored["engines"]["openvino"]["precision"] == "fp32"
     for engine in engines.ENGINES:
         for scenario, batch in (("b1_s16", 1), ("b2_s16", 2)):
             for timings in (result.results, result.dense_results):
@@ -82,6 +85,85 @@ def test_speedups_are_ratios_of_the_reported_medians(gpt2_bench):
         assert entry.efficiency["headline"] == pytest.approx(expected / ideal, rel=1e-3)
 
 
+def test_the_fastest_dense_engines_are_the_fastest_in_the_timings(gpt2_bench):
+    run, result = gpt2_bench
+    stored = read_json(run.path / layout.BENCH_FILE)
+    for scenario in ("b1_s16", "b2_s16"):
+        assert set(stored["fastest_dense"][scenario]) == {"fp32", "int8"}
+        deepsparse_sparse = result.results["deepsparse"][scenario].median_ms
+        for precision in ("fp32", "int8"):
+            medians = {name: result.dense_results[name][scenario].median_ms
+                       for name, status in result.engines.items() if status.precision == precision}
+            best = result.fastest_dense[scenario][precision]
+            assert best.engine == min(medians, key=medians.get) and best.median_ms == medians[best.engine]
+            assert best.speedup == pytest.approx(best.median_ms / deepsparse_sparse, rel=1e-3)
+
+
+def test_fastest_dense_leaves_out_what_was_not_timed():
+    def timing(ms: float) -> layout.Timing:
+        return layout.Timing(1, 16, ms, ms, 1000 / ms, 3, 1)
+
+    dense = {"onnxruntime": {"b1_s16": timing(4.0)}, "openvino": {"b1_s16": timing(3.0), "b2_s16": timing(5.0)},
+             "deepsparse": {"b1_s16": timing(3.5)}, "openvino-int8": {"b2_s16": timing(2.0)}}
+    precisions = {"onnxruntime": "fp32", "openvino": "fp32", "deepsparse": "fp32", "openvino-int8": "int8"}
+    fastest = bench.fastest_dense({"deepsparse": {"b1_s16": timing(1.5)}}, dense, ["b1_s16", "b2_s16"], precisions)
+    assert fastest == {"b1_s16": {"fp32": layout.FastestDense("openvino", 3.0, 2.0)},
+                       "b2_s16": {"fp32": layout.FastestDense("openvino", 5.0, None),  # no DeepSparse timing there
+                                  "int8": layout.FastestDense("openvino-int8", 2.0, None)}}
+
+
+OLD_ENGINES = ("deepsparse", "onnxruntime", "pytorch")  # what bench.json held before the peer engines
+
+
+def test_the_report_reads_bench_files_from_before_the_peer_engines(gpt2_bench, tmp_path, monkeypatch):
+    """A bench.json without OpenVINO, precisions and fastest_dense renders with empty fastest-engine cells; the
+    current one names the fastest engines; with an eval.json the speed-vs-accuracy plot appears."""
+    from harness.paths import runs_dir
+    from harness.report.plotting import PlotSet
+    from harness.report.runs import collect
+    from harness.report.speed import SPEED_ENGINES, section_speed
+
+    run, result = gpt2_bench
+    copy = tmp_path / "runs" / run.path.relative_to(runs_dir())
+    copy.mkdir(parents=True)
+    for name in (layout.MANIFEST, layout.SPARSITY_FILE):
+        (copy / name).write_text((run.path / name).read_text())
+    current = read_json(run.path / layout.BENCH_FILE)
+    old = {**{key: value for key, value in current.items() if key != "fastest_dense"},
+           "engines": {e: {k: v for k, v in current["engines"][e].items() if k != "precision"} for e in OLD_ENGINES},
+           "results": {e: current["results"][e] for e in OLD_ENGINES},
+           "dense_results": {e: current["dense_results"][e] for e in OLD_ENGINES},
+           "speedups": {s: {k: v for k, v in entry.items() if not k.startswith("openvino")}
+                        for s, entry in current["speedups"].items()}}
+    monkeypatch.setenv("HARNESS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path / "reports"))
+    (tmp_path / "reports").mkdir()
+
+    def speed_rows(document: dict, evaluated: bool = False) -> tuple[list[str], str]:
+        write_json(copy / layout.BENCH_FILE, document)
+        if evaluated:
+            write_json(copy / layout.EVAL_FILE, {
+                "model": "tiny-gpt2", "recipe": RECIPE, "level": 90.0, "limit": 2, "engines": ["pytorch"],
+                "baseline": None, "benchmarks": {"lambada_openai": {"status": "done", "metrics": {
+                    "accuracy": {"value": 0.25}, "perplexity": {"value": 3000.0}}}}})
+        markdown = "\n".join(section_speed(collect("tiny-gpt2"), PlotSet("tiny-gpt2")))
+        return [line for line in markdown.splitlines() if line.startswith(f"| {RECIPE} | 90 |")], markdown
+
+    rows, markdown = speed_rows(old)
+    assert len([row for row in rows if "| – | – | – | – | [" in row]) == 2  # both scenarios: no fastest engines
+    assert "OpenVINO" not in markdown and "speed vs accuracy" not in markdown
+    rows, markdown = speed_rows(current)
+    for scenario in ("b1_s16", "b2_s16"):
+        (row,) = [row for row in rows if f" | {scenario} | " in row and "fastest" not in row and " ms) | " in row]
+        cells = [f"{SPEED_ENGINES[best.engine]} ({number(best.median_ms)} ms) | {number(best.speedup)}"
+                 for best in result.fastest_dense[scenario].values()]
+        assert " | ".join(cells) in row
+    _, markdown = speed_rows(current, evaluated=True)
+    assert "accuracy = the run's lambada_openai accuracy" in markdown
+    png = tmp_path / "reports" / "tiny-gpt2.speed-vs-accuracy.png"
+    assert "![speed vs accuracy]" in markdown and png.read_bytes().startswith(b"\x89PNG")
+
+
 def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
     run, result = gpt2_bench
     measured = result.sizes
@@ -105,11 +187,11 @@ def test_sizes_are_consistent_and_the_bitmask_format_round_trips(gpt2_bench):
 
 
 def engine_in_child(monkeypatch, replacement: str) -> None:
-    """Make the bench's DeepSparse child compile with `replacement` (Python source; os, signal and the real
-    Engine in scope) instead of deepsparse.Engine."""
+    """Make the bench's engine children compile DeepSparse with `replacement` (Python source; os, signal and the
+    real Engine in scope) instead of deepsparse.Engine."""
     monkeypatch.setenv("NM_DISABLE_ANALYTICS", "1")  # deepsparse is imported here before the child's own line
-    monkeypatch.setattr(engines, "DEEPSPARSE_CHILD", "import os, signal, deepsparse\nEngine = deepsparse.Engine\n"
-                        f"deepsparse.Engine = {replacement}\n" + engines.DEEPSPARSE_CHILD)
+    monkeypatch.setattr(engines, "CHILD", "import os, signal, deepsparse\nEngine = deepsparse.Engine\n"
+                        f"deepsparse.Engine = {replacement}\n" + engines.CHILD)
 
 
 def test_a_deepsparse_compile_killed_at_one_batch_size_leaves_the_others(gpt2_bench, monkeypatch):
@@ -179,10 +261,11 @@ def test_encoder_decoder_reports_encoder_decoder_and_combined():
 def test_cli_prints_the_table(gpt2_bench, capsys):
     args = ["bench", "--model", "tiny-gpt2", "--level", "90", "--recipe", RECIPE, "--batch-sizes", "1", "2",
             "--seq-len", "16", "--threads", "1", "--iterations", "3", "--min-time", "0", "--max-iterations", "3",
-            "--warmup", "1"]
+            "--warmup", "1", "--engines", "deepsparse,onnxruntime,pytorch"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "DeepSparse sparse vs ONNX Runtime dense" in out and "FLOP-ideal" in out and "sparse-bitmask" in out
+    assert "b2_s16: DeepSparse sparse vs the fastest dense engine: FP32 " in out and "INT8" not in out
     assert len(out.splitlines()) < 25
 
 
