@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from harness import load, prune, sparsity
-from harness.backends import training
+from harness import load, prune, recovery, sparsity
 from harness.errors import HarnessError
 from harness.layout import SPARSITY_FILE
 from harness.paths import PROJECT_ROOT
 from harness.rundir import RunDir, read_json
+from conftest import killed_after
 
 TINY_MODELS = ("tiny-gpt2", "tiny-deberta", "tiny-m2m100")
 RECIPES = ("sparseml/oneshot-magnitude", "sparseml/gradual-magnitude", "sparseml/oneshot-sparsegpt")
@@ -28,8 +28,10 @@ CASES = [(model, recipe, 90) for recipe in RECIPES for model in TINY_MODELS] + [
     ("tiny-deberta", "sparseml/oneshot-sparsegpt", 50),
 ]
 TOLERANCE_POINTS = 1.0
-# SparseGPT's paper-scale calibration (128 x 2048 tokens) is for real models; the tiny ones need little
-OVERRIDES = {"sparseml/oneshot-sparsegpt": {"samples": 16, "seq_len": 64}}
+# SparseGPT's paper-scale calibration (128 x 2048 tokens) and the 2M-token training budget are for real
+# models; the tiny ones need little (here 8 training steps of 4 x 32 tokens)
+TRAINING = {"tokens": 1024, "train_seq_len": 32, "batch_size": 4, "accumulation": 1}
+OVERRIDES = {"sparseml/oneshot-sparsegpt": {"samples": 16, "seq_len": 64}, "sparseml/gradual-magnitude": TRAINING}
 
 
 def tensors(model_dir) -> dict:
@@ -141,32 +143,52 @@ def test_sparsegpt_runs_block_by_block_or_through_sparsemls_session(capsys, sequ
         assert abs(percent_zero([saved[name]]) - 70) <= TOLERANCE_POINTS, name
 
 
-@pytest.mark.parametrize("hold_steps", [3, 0])
-def test_gradual_schedule_ramps_then_holds_at_the_target(monkeypatch, hold_steps):
-    """Sparsity after each fine-tuning step: init_sparsity first, rising, the target from step `steps` on."""
-    steps, level = 6, 80
-    real_fine_tune = training.fine_tune
-    after_each_step = []
+def recording_sparsity_after_each_step(monkeypatch) -> list[float]:
+    """The targets' sparsity (percent) after each training step of the gradual recipes run from now on."""
+    real_recover, after_each_step = recovery.recover, []
 
-    def recording_fine_tune(model, batches, n_steps, lr, after_step, **kwargs):
-        params = dict(model.named_parameters())
-        weights = [params[name] for name in sparsity.prunable_names(model)]
+    def recording_recover(student, *args, hooks=None):
+        weights = [param for name, param in student.named_parameters() if name in set(args[3])]
 
-        def record(step):
-            after_step(step)
+        def after_step(step):
+            hooks.after_step(step)
             after_each_step.append(percent_zero(weights))
 
-        real_fine_tune(model, batches, n_steps, lr, after_step=record, **kwargs)
+        return real_recover(student, *args, hooks=recovery.Hooks(hooks.before_step, hooks.before_optimizer_step, after_step))
 
-    monkeypatch.setattr(training, "fine_tune", recording_fine_tune)
+    monkeypatch.setattr(recovery, "recover", recording_recover)
+    return after_each_step
+
+
+@pytest.mark.parametrize("ramp", [0.75, 1.0])
+def test_gradual_schedule_ramps_while_distilling_then_holds_at_the_target(monkeypatch, ramp):
+    """Sparsity after each training step: init_sparsity first, rising, the target from the ramp's end on."""
+    after_each_step = recording_sparsity_after_each_step(monkeypatch)
+    level, steps = 80, 8
     run = prune.prune("tiny-gpt2", level, "sparseml/gradual-magnitude", force=True,
-                      overrides={"steps": steps, "hold_steps": hold_steps, "update_frequency": 1})
-    assert len(after_each_step) == steps + hold_steps
+                      overrides={**TRAINING, "tokens": steps * 4 * 32, "ramp": ramp, "mask_updates": 100})
+    ramp_steps = round(ramp * steps)
+    assert len(after_each_step) == steps
     assert after_each_step[0] == pytest.approx(5.0, abs=0.1)
     assert all(a <= b + 1e-9 for a, b in zip(after_each_step, after_each_step[1:]))
-    assert 10 < after_each_step[steps // 2] < level - 5
-    assert all(abs(s - level) <= TOLERANCE_POINTS for s in after_each_step[steps:])
+    assert 10 < after_each_step[ramp_steps // 2] < level - 5
+    assert all(abs(s - level) <= TOLERANCE_POINTS for s in after_each_step[ramp_steps:])
     assert abs(read_json(run.path / SPARSITY_FILE)["achieved_percent"] - level) <= TOLERANCE_POINTS
+    curve = read_json(run.path / "recovery.json")["curve"]
+    assert [point["step"] for point in curve] == list(range(1, steps + 1))
+
+
+def test_an_interrupted_gradual_run_resumes_to_the_masks_and_weights_of_an_uninterrupted_one():
+    overrides = {**TRAINING, "tokens": 8 * 4 * 32, "mask_updates": 100, "checkpoint_minutes": 0.0}
+    reference = tensors(prune.prune("tiny-gpt2", 70, "sparseml/gradual-magnitude", overrides, force=True).model_dir)
+    with killed_after(losses=5):  # one micro-batch per step: killed in step 6
+        prune.prune("tiny-gpt2", 70, "sparseml/gradual-magnitude", overrides, force=True)
+    run = prune.prune("tiny-gpt2", 70, "sparseml/gradual-magnitude", overrides, force=True)
+    assert read_json(run.path / "recovery.json")["resumed_from"] == 5
+    resumed = tensors(run.model_dir)
+    for name, tensor in reference.items():
+        assert torch.equal(tensor == 0, resumed[name] == 0), name
+        assert torch.allclose(tensor, resumed[name], atol=1e-6), name
 
 
 def test_a_recipe_that_misses_the_level_is_an_error(tmp_path):

@@ -17,13 +17,14 @@ is imported only when pruning: it takes seconds to import.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
 import yaml
 
-from harness import sparsegpt
-from harness.backends import PruneJob, Schedule, in_groups, quiet, training
+from harness import allocation, sparsegpt, wanda
+from harness.backends import PruneJob, Schedule, in_groups, quiet
 from harness.errors import HarnessError
 from harness.recipes import Recipe
 
@@ -66,16 +67,17 @@ def _manager(recipe: Recipe, sparsity: float, targets: list[str]):
         raise HarnessError(f"recipe {recipe.path}: SparseML cannot load it: {exc}") from None
 
 
-def _fine_tune_with(manager, job: PruneJob, steps: int, loggers) -> None:
-    """Train `steps` steps on the calibration batches with the manager's schedule, then end it."""
+def _train_with(manager, job: PruneJob, steps: int, loggers) -> None:
+    """Train `steps` steps (`job.train`) with the manager's schedule around each, then end it."""
+    from harness.recovery import Hooks
+
     model = job.model
 
-    def start(step: int) -> None:
-        # Initialized here, not before fine_tune, so fine_tune's distillation teacher copies the dense model.
+    def before_step(step: int) -> None:
         if step == 0:
             manager.initialize(model, epoch=0.0, loggers=loggers)
 
-    # Pruning modifiers do not use the optimizer argument, and fine_tune keeps its optimizer to itself.
+    # Pruning modifiers do not use the optimizer argument, and the trainer keeps its optimizer to itself.
     def before_optimizer_step(step: int) -> None:
         manager.update(model, None, float(step), STEPS_PER_EPOCH)
         manager.optimizer_pre_step(model, None, float(step), STEPS_PER_EPOCH)
@@ -83,50 +85,97 @@ def _fine_tune_with(manager, job: PruneJob, steps: int, loggers) -> None:
     def after_step(step: int) -> None:
         manager.optimizer_post_step(model, None, float(step), STEPS_PER_EPOCH)
 
-    with training.only_trainable(model, job.targets):
-        training.fine_tune(model, job.calibration, steps, float(job.recipe.params["lr"]), before_step=start,
-                           before_optimizer_step=before_optimizer_step, after_step=after_step,
-                           desc="SparseML pruning")
+    job.train(Hooks(before_step, before_optimizer_step, after_step))
     # One more update at the end of the schedule, so a ramp ending with the training lands on its target.
     manager.update(model, None, float(steps), STEPS_PER_EPOCH)
     manager.finalize(model)
 
 
 def _run_manager(job: PruneJob) -> str:
-    """A legacy `sparseml.pytorch` recipe: one-shot, or a training schedule over the calibration text."""
+    """A legacy `sparseml.pytorch` recipe: one-shot, or a schedule run while the prune stage trains."""
     from sparseml.pytorch import utils as logger_module
 
     manager = _manager(job.recipe, job.sparsity, job.targets)
     steps = _training_steps(manager)
     if steps:
-        _fine_tune_with(manager, job, steps, _loggers(logger_module))
+        _train_with(manager, job, steps, _loggers(logger_module))
     elif any(getattr(mod, "global_sparsity", False) for mod in manager.iter_modifiers()):
         manager.apply(job.model, loggers=_loggers(logger_module))
     else:
-        in_groups(job, lambda group: _manager(job.recipe, job.sparsity, group.targets)
-                  .apply(job.model, loggers=_loggers(logger_module)))
+        for level, targets in _by_level(_allocated(job)).items():  # one manager per level the allocation chose
+            in_groups(dataclasses.replace(job, sparsity=level, targets=targets),
+                      lambda group: _manager(job.recipe, group.sparsity, group.targets)
+                      .apply(job.model, loggers=_loggers(logger_module)))
     return "a sparseml.pytorch manager"
 
 
-def _sequential_sparsegpt(rendered: dict) -> dict | None:
-    """The SparseGPTModifier's arguments when the recipe is that one modifier with `sequential_update: true`."""
+def _allocated(job: PruneJob) -> dict[str, float]:
+    """Each target's fraction under the recipe's `allocation` (`harness.allocation`); OWL's scores come from
+    one dense pass over the calibration batches."""
+    return allocation.plan(job, lambda: {
+        target: wanda.scores(job.model, target, norms)
+        for target, norms in wanda.dense_input_norms(job.model, job.targets, job.calibration).items()})
+
+
+def _by_level(levels: dict[str, float]) -> dict[float, list[str]]:
+    groups: dict[float, list[str]] = {}
+    for target, level in levels.items():
+        groups.setdefault(level, []).append(target)
+    return groups
+
+
+def _solver_arguments(rendered: dict) -> tuple[str, dict] | None:
+    """(modifier, its arguments) when the recipe is one modifier the harness runs through `SOLVERS`: Wanda,
+    or SparseGPT with `sequential_update: true`."""
     modifiers = [(name, arguments) for stage in rendered.values() if isinstance(stage, dict)
                  for group in stage.values() if isinstance(group, dict) for name, arguments in group.items()]
-    if len(modifiers) == 1 and modifiers[0][0] == "SparseGPTModifier" and modifiers[0][1].get("sequential_update"):
-        return modifiers[0][1]
+    if len(modifiers) == 1 and modifiers[0][0] in SOLVERS and (
+            modifiers[0][0] != "SparseGPTModifier" or modifiers[0][1].get("sequential_update")):
+        return modifiers[0]
     return None
 
 
+# modifier -> (how the harness runs it on (job, per-target levels, modifier arguments), what to tell the user)
+SOLVERS = {
+    "SparseGPTModifier": (
+        lambda job, levels, args: sparsegpt.prune(
+            job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
+            int(args.get("block_size", 128)), float(args.get("dampening_frac", 0.01))),
+        "SparseML's SparseGPT solver, block by block (harness.sparsegpt)"),
+    "WandaPruningModifier": (
+        lambda job, levels, args: wanda.prune(
+            job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
+            bool(args.get("sequential_update", True))),
+        "SparseML's Wanda masks (harness.wanda)"),
+}
+
+
+def _check_mask_structure(job: PruneJob, mask_structure: str) -> None:
+    """An N:M mask prunes N of every M weights: its level is N/M in every layer."""
+    if not re.fullmatch(r"\d+:\d+", mask_structure):
+        raise HarnessError(f"recipe {job.recipe.name}: mask_structure must be N:M (0:0 for unstructured), "
+                           f"got {mask_structure!r}")
+    prunen, prunem = (int(part) for part in mask_structure.split(":"))
+    if prunem and (prunen / prunem != job.sparsity or job.recipe.params.get("allocation", "uniform") != "uniform"):
+        raise HarnessError(f"recipe {job.recipe.name}: mask_structure {mask_structure} prunes {prunen} of every "
+                           f"{prunem} weights: use level {100 * prunen / prunem:g} with allocation uniform")
+
+
 def _run_session(job: PruneJob) -> str:
-    """A `sparseml.core` recipe, applied one-shot with the calibration batches. Sequential SparseGPT runs
-    SparseML's solver block by block on cached inputs instead (`harness.sparsegpt`): SparseML 1.8 runs the
-    whole model over the calibration data once per pruned layer for it."""
-    sequential = _sequential_sparsegpt(job.rendered())
-    if sequential:
-        sparsegpt.prune(job.model, job.targets, job.calibration, float(sequential["sparsity"]),
-                        sequential.get("mask_structure", "0:0"), int(sequential.get("block_size", 128)),
-                        float(sequential.get("dampening_frac", 0.01)))
-        return "SparseML's SparseGPT solver, block by block (harness.sparsegpt)"
+    """A `sparseml.core` recipe, applied one-shot with the calibration batches. Wanda and sequential SparseGPT
+    run SparseML's own solvers through the harness (`SOLVERS`) instead: block by block on cached inputs
+    (SparseML 1.8 runs the whole model over the calibration data once per pruned layer for them), with the
+    recipe's per-layer `allocation`, and on GPT-2's Conv1D layers."""
+    solver = _solver_arguments(job.rendered())
+    if solver:
+        name, arguments = solver
+        _check_mask_structure(job, str(arguments.get("mask_structure", "0:0")))
+        run, how = SOLVERS[name]
+        run(job, _allocated(job), arguments)
+        return how
+    if job.recipe.params.get("allocation", "uniform") != "uniform":
+        raise HarnessError(f"recipe {job.recipe.name}: a non-uniform allocation needs the harness's solver "
+                           f"(sequential: true)")
     from sparseml import core as logger_module
     from sparseml.core.framework import Framework
     from sparseml.core.recipe import Recipe as SessionRecipe
