@@ -20,7 +20,7 @@ HARNESS := $(PY) -m harness
 RECIPE_ARGS := $(foreach r,$(RECIPE),--recipe $(r))
 LIMIT_ARG := $(if $(LIMIT),--limit "$(LIMIT)")
 
-.PHONY: help setup models recipes prune analyze export bench eval sweep report bench-shapes test test-all clean
+.PHONY: help setup models recipes prune analyze export bench eval sweep sensitivity report bench-shapes test test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -56,6 +56,9 @@ eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples
 
 sweep: $(STAMP)  ## every STAGE for every level in LEVELS and every recipe in RECIPE, resuming (EXECUTOR=ray: on Ray)
 	$(HARNESS) sweep --model $(MODEL) --levels $(LEVELS) $(RECIPE_ARGS) --stages $(STAGES) $(LIMIT_ARG) --executor $(EXECUTOR) $(ARGS)
+
+sensitivity: $(STAMP)  ## damage of pruning one layer at a time with RECIPE (ARGS="--levels 50 90 --granularity block") -> runs/MODEL/sensitivity/
+	$(HARNESS) sensitivity --model $(MODEL) --recipe $(RECIPE) $(ARGS)
 
 report: $(STAMP)  ## reports/MODEL.md with plots (without MODEL=: every model with runs)
 	$(HARNESS) report --model $(if $(filter command line environment,$(origin MODEL)),$(MODEL),all) $(ARGS)

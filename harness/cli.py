@@ -19,6 +19,7 @@ STAGES = {
     "bench": ("harness.bench", "time DeepSparse, ONNX Runtime and PyTorch on a run; sizes on disk"),
     "eval": ("harness.evaluate", "accuracy on the model's paper benchmarks"),
     "sweep": ("harness.sweep", "run stages over levels and recipes, resuming finished work"),
+    "sensitivity": ("harness.sensitivity", "damage of pruning one layer (or block) at a time, on held-out text"),
     "report": ("harness.report", "generate reports/<model>.md from run directories"),
 }
 

@@ -1,14 +1,17 @@
 """The run directory's layout: every file name a stage writes and every JSON record it holds.
 
     runs/<model>/sweep.json                     the sweep ledger (SWEEP_FILE)
+    runs/<model>/sensitivity/<recipe>/<granularity>/   make sensitivity: `Sensitivity` (not a run directory)
     runs/<model>/<recipe>/<level>/
         manifest.json                           model spec, recipe, seed, one record per stage (MANIFEST)
         model/                                  the pruned checkpoint (MODEL_SUBDIR)
         sparsity.json                           prune: `Sparsity`
         recovery.json                           prune with recovery: `Recovery`
+        quantization/                           prune with `<pruning>+<quantization>`: INT8 state and checkpoint (QUANTIZATION_SUBDIR)
         analysis/structure.json, ...            analyze (ANALYSIS_SUBDIR, ANALYSIS_FILES)
         onnx/model.onnx, onnx/export.json       export (ONNX_SUBDIR, EXPORT_FILE)
         bench.json, compressed/                 bench: `Bench` (BENCH_FILE, COMPRESSED_SUBDIR)
+        openvino-int8/                          bench: the OpenVINO INT8 engine's quantized IR (OPENVINO_INT8_SUBDIR)
         eval.json                               eval: `Evaluation`
 
 Writers build these dataclasses and store `to_json(record)`; readers get them back with
@@ -45,7 +48,10 @@ BENCH_FILE = "bench.json"
 COMPRESSED_SUBDIR = "compressed"  # the sparse-bitmask copy the bench writes to measure its size
 EVAL_FILE = "eval.json"
 SWEEP_FILE = "sweep.json"  # in runs/<model>/
-DERIVED_SUBDIRS = (ONNX_SUBDIR, COMPRESSED_SUBDIR)  # model-sized copies a sweep may discard
+QUANTIZATION_SUBDIR = "quantization"  # a `<pruning>+<quantization>` recipe's INT8 state and checkpoint (harness.quantize)
+OPENVINO_INT8_SUBDIR = "openvino-int8"  # the export quantized by NNCF for the bench's openvino-int8 engine
+OPENVINO_INT8_FILE = "quantization.json"  # inside openvino-int8/: what it was quantized from and how
+DERIVED_SUBDIRS = (ONNX_SUBDIR, COMPRESSED_SUBDIR, OPENVINO_INT8_SUBDIR)  # model-sized copies a sweep may discard
 
 # stage -> the file that shows it finished (relative to the run directory)
 STAGE_OUTPUTS = {
@@ -164,6 +170,7 @@ class Sizes:
     onnx: SizeEntry
     onnx_gzip: SizeEntry
     sparse_bitmask: SizeEntry  # compressed-tensors' sparse-bitmask format, written to compressed/
+    checkpoint_int8: SizeEntry | None = None  # a quantized run's INT8 checkpoint (quantization/int8.safetensors)
 
 
 @dataclass
@@ -171,6 +178,17 @@ class EngineStatus:
     status: str  # "ok" | "unavailable"
     threads: int
     reason: str | None = None
+    precision: str | None = None  # "fp32" | "int8" (None in files written before engines had one)
+
+
+@dataclass
+class FastestDense:
+    """The fastest engine on the dense baseline at one precision in one scenario, and the speedup of the run
+    on DeepSparse against it (None without DeepSparse timings of the run)."""
+
+    engine: str
+    median_ms: float
+    speedup: float | None
 
 
 @dataclass
@@ -193,6 +211,7 @@ class Bench:
     flop_ideal: dict[str, FlopIdeal]  # scenario ->
     sizes: Sizes
     warnings: list[str] = field(default_factory=list)
+    fastest_dense: dict[str, dict[str, FastestDense]] = field(default_factory=dict)  # scenario -> precision -> (empty before)
 
 
 # --- eval -------------------------------------------------------------------------------------------
@@ -259,6 +278,43 @@ class Evaluation:
     engines: list[str]
     baseline: dict[str, Any] | None  # the level-0 run the deltas are against: {path, finished}
     benchmarks: dict[str, BenchmarkResult]
+
+
+# --- sensitivity --------------------------------------------------------------------------------------
+# runs/<model>/sensitivity/<recipe>/<granularity>/: manifest.json (no `level`: not a pruning run),
+# sensitivity.json and .csv when finished, sensitivity.partial.json (units so far) until then.
+
+SENSITIVITY_SUBDIR = "sensitivity"
+SENSITIVITY_FILE = "sensitivity.json"
+SENSITIVITY_CSV = "sensitivity.csv"
+SENSITIVITY_PARTIAL = "sensitivity.partial.json"
+
+
+@dataclass
+class UnitDamage:
+    """One unit (a target weight, or a transformer block's targets) pruned alone: its damage at each level."""
+
+    unit: str
+    targets: list[str]
+    weights: int
+    damage: list[float]  # in the order of `Sensitivity.levels`
+    seconds: float
+
+
+@dataclass
+class Sensitivity:
+    """`sensitivity.json` (and the partial file): the damage of pruning one unit at a time, on held-out text."""
+
+    model: str
+    recipe: str
+    granularity: str  # "layer" | "block"
+    levels: list[float]  # percent
+    measure: str  # what `damage` is: the loss increase, or 1 - cosine of pooled embeddings to the dense model's
+    heldout: dict[str, Any]  # corpus, sequences, seq_len
+    dense_loss: float | None  # models with a loss: the dense model's mean loss on the held-out text
+    fingerprint: str  # of the inputs; a partial file with another one is not resumed
+    units: list[UnitDamage]
+    seconds: float  # pruning and measuring the units, summed over resumed invocations
 
 
 # --- reading and writing ------------------------------------------------------------------------------

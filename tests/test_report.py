@@ -15,15 +15,15 @@ MODEL = "tiny-gpt2"
 RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
 LEVELS = [0, 50]
 SECTIONS = ["Runs and gaps", "Concepts", "Methods used", "Sparsity reached", "Accuracy vs sparsity",
-            "Speed vs sparsity", "Size vs sparsity", "Sparsity structure", "Recovery",
+            "Per-layer allocation", "Speed vs sparsity", "Size vs sparsity", "Sparsity structure", "Layer sensitivity", "Recovery",
             "Challenges, from the measured curves",
             "Time and memory per stage"]
 # Small settings so the whole module stays within the CI budget (the stages' own CLI options): one short
-# bench scenario; eval on PyTorch only and on LAMBADA only (WikiText-2's rolling loglikelihood over whole
+# bench scenario without OpenVINO INT8 (its NNCF quantization is tested in test_bench_engines); eval on PyTorch only and on LAMBADA only (WikiText-2's rolling loglikelihood over whole
 # articles, and the DeepSparse check, take a minute or more per level).
 BENCHMARK = "lambada_openai"
 FAST_OPTIONS = {"bench": ["--batch-sizes", "1", "--seq-len", "32", "--iterations", "2", "--min-time", "0",
-                          "--warmup", "1"],
+                          "--warmup", "1", "--engines", "deepsparse,onnxruntime,openvino,pytorch"],
                 "eval": ["--engines", "pytorch", "--benchmarks", BENCHMARK]}
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:e[-+]\d+)?")
 LINK = re.compile(r"\[[^\]]*\]\(([^)]+)\)")
@@ -99,7 +99,7 @@ def test_report_is_complete_and_every_table_number_comes_from_the_run_files(swep
     assert "Intel Neural Compressor" in markdown and "SparseML" in markdown
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(images) == 4  # accuracy (one benchmark), speed, size, structure
+    assert len(images) == 5  # accuracy (one benchmark), speed, speed vs accuracy, size, structure
     for image in images:
         png = (path.parent / image).resolve()
         assert png.parent == reports_dir() and png.read_bytes().startswith(PNG_SIGNATURE)

@@ -19,6 +19,7 @@ from typing import Callable
 from harness.errors import HarnessError
 from harness.paths import reports_dir, runs_dir
 from harness.report.accuracy import section_accuracy
+from harness.report.allocation import section_allocation
 from harness.report.challenges import COLLAPSE_PERCENT, EFFICIENCY_FLOOR, Thresholds, section_challenges
 from harness.report.coverage import section_coverage
 from harness.report.format import anchor, shape_note, shown_path
@@ -26,6 +27,7 @@ from harness.report.methods import section_concepts, section_methods, section_sp
 from harness.report.plotting import PlotSet
 from harness.report.resources import section_resources
 from harness.report.runs import ModelRuns, collect, models_with_runs
+from harness.report.sensitivity import section_sensitivity
 from harness.report.shapes import SHAPES_REPORT, render_shapes
 from harness.report.size import section_size
 from harness.report.speed import section_speed
@@ -62,9 +64,11 @@ def render(models: ModelRuns, plots: PlotSet, thresholds: Thresholds = Threshold
         ("Methods used", lambda: section_methods(models)),
         ("Sparsity reached", lambda: section_sparsity(models)),
         ("Accuracy vs sparsity", lambda: section_accuracy(models, plots)),
+        ("Per-layer allocation", lambda: section_allocation(models)),
         ("Speed vs sparsity", lambda: section_speed(models, plots)),
         ("Size vs sparsity", lambda: section_size(models, plots)),
         ("Sparsity structure", lambda: section_structure(models, plots)),
+        ("Layer sensitivity", lambda: section_sensitivity(models, plots)),
         ("Recovery", lambda: section_recovery(models, plots)),
         ("Challenges, from the measured curves", lambda: section_challenges(models, thresholds)),
         ("Time and memory per stage", lambda: section_resources(models)),

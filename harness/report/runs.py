@@ -118,7 +118,7 @@ def collect(model: str) -> ModelRuns:
     runs: dict[tuple[str, float], Run] = {}
     for manifest_path in sorted(model_dir.rglob(layout.MANIFEST)):
         relative = manifest_path.relative_to(model_dir).parts
-        if any(part.startswith(".") for part in relative):  # staging directories of unfinished stages
+        if relative[0] == layout.SENSITIVITY_SUBDIR or any(part.startswith(".") for part in relative):  # sensitivity results; staging dirs
             continue
         try:
             manifest = read_json(manifest_path)
