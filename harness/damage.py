@@ -20,7 +20,6 @@ import torch
 from harness import corpus, layerwise
 from harness.prune import context_length
 
-LOSS_MODEL_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")  # as prune.calibration_batches labels them
 MEASURES = {True: "loss increase", False: "1 - cosine to the dense embeddings"}  # has a loss ->
 
 
@@ -38,7 +37,7 @@ def heldout_batch(loaded, heldout: HeldOut) -> dict:
     seq_len = min(heldout.seq_len, context_length(loaded.model.config) or 1 << 30)
     ids = corpus.token_sequences(loaded.tokenizer, heldout.corpus, heldout.sequences, seq_len, split="heldout")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if loaded.spec.model_class in LOSS_MODEL_CLASSES:
+    if loaded.spec.has_lm_loss:
         batch["labels"] = ids.clone()
     return batch
 

@@ -45,6 +45,11 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
     @property
+    def has_lm_loss(self) -> bool:
+        """Its model class computes a language-modelling loss from `labels` (decoders, encoder-decoders)."""
+        return self.model_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
+
+    @property
     def source_kind(self) -> str:
         return next(iter(self.source))
 

@@ -38,7 +38,7 @@ def calibration_batches(loaded: load.LoadedModel, calibration: Calibration) -> l
     batches = []
     for sequence in sequences:
         batch = {"input_ids": sequence[None], "attention_mask": torch.ones_like(sequence[None])}
-        if spec.model_class in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
+        if spec.has_lm_loss:
             batch["labels"] = sequence[None].clone()
         batches.append(batch)
     return batches

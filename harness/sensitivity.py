@@ -228,9 +228,10 @@ def allocate(model_name: str, recipe_name: str, sizes: dict[str, int], level: fl
     """Per-target fractions whose mean weighted by `sizes` is `level`, within `bounds` (fractions), at which
     every target's predicted damage (from the stored results of `make sensitivity`) is the same, except
     where a bound holds a target back. Block results give each target of a block the block's damage."""
+    from harness.allocation import check_bounds  # allocation imports this module when asked for `sensitivity`
+
+    check_bounds(level, bounds)
     low, high = bounds
-    if not 0 <= low <= level <= high <= 1:
-        raise HarnessError(f"allocation bounds {low:.2%}..{high:.2%} must hold the level {level:.2%} within 0..100 %")
     result = stored_results(model_name, recipe_name)
     by_target = {target: unit.damage for unit in result.units for target in unit.targets}
     missing = [target for target in sizes if target not in by_target]
