@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from harness import load, sweep
+from harness.engines import ENGINES
 from harness.layout import BENCH_FILE, SPARSITY_FILE
 from harness.rundir import RunDir, read_json
 
@@ -67,7 +68,10 @@ def test_shape_runs_are_labelled_measured_and_their_weights_discarded(one_block_
         bench = read_json(RunDir(model, RECIPES[0], 90).path / BENCH_FILE)
         dense = read_json(RunDir(model, RECIPES[0], 0).path / BENCH_FILE)
         assert list(bench["results"]) == ["deepsparse"] and bench["results"]["deepsparse"]["b1_s32"]["median_ms"] > 0
-        assert set(dense["results"]) == {"deepsparse", "onnxruntime", "pytorch"}
+        # level 0 times every engine; OpenVINO INT8 may fail to compile NNCF's graph of a random one-block
+        # M2M100 decoder (an OpenVINO core error, seen in some runs), which the bench records with its reason
+        assert {"deepsparse", "onnxruntime", "openvino", "pytorch"} <= set(dense["results"])
+        assert all(name in dense["results"] or dense["engines"][name]["reason"] for name in ENGINES)
         assert bench["dense_results"] == dense["results"] and bench["speedups"]["b1_s32"]["headline"] > 0
         assert 1 < bench["flop_ideal"]["b1_s32"]["speedup"] < 10
         # DeepSparse compiles and runs in a child process; its memory is recorded beside the bench's own
