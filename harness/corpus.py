@@ -129,8 +129,9 @@ def _tokenizer_identity(tokenizer) -> str:
     return f"{type(tokenizer).__name__}-{hashlib.sha256(vocab).hexdigest()[:16]}"
 
 
-def token_sequences(tokenizer, corpus: str, count: int, seq_len: int, split: str = "train"):
-    """`count` sequences of `seq_len` token ids (a [count, seq_len] int64 tensor) from a corpus split."""
+def token_sequences(tokenizer, corpus: str, count: int, seq_len: int, split: str = "train", repeat: bool = False):
+    """`count` sequences of `seq_len` token ids (a [count, seq_len] int64 tensor) from a corpus split; with
+    `repeat`, a split shorter than that is read again (training epochs) instead of failing."""
     import torch
 
     from harness.rundir import fingerprint, write_atomic
@@ -138,17 +139,21 @@ def token_sequences(tokenizer, corpus: str, count: int, seq_len: int, split: str
     if count < 1 or seq_len < 2:
         raise HarnessError(f"corpus {corpus}: need at least 1 sequence of at least 2 tokens, got {count} x {seq_len}")
     source = resolve_corpus(corpus)
-    key = fingerprint(source.identity(), _tokenizer_identity(tokenizer), split, count, seq_len, HELDOUT_EVERY)
+    key = fingerprint(source.identity(), _tokenizer_identity(tokenizer), split, count, seq_len, HELDOUT_EVERY, repeat)
     cached = cache_dir() / "corpora" / f"{Path(source.name).name.split('.')[0]}-{split}-{count}x{seq_len}-{key}.pt"
     if cached.exists():
         return torch.load(cached)
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     needed, ids = count * seq_len, []
-    for text in source.split(split):
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if separator is not None:
-            ids.append(separator)
-        if len(ids) >= needed:
+    while len(ids) < needed:
+        before = len(ids)
+        for text in source.split(split):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if separator is not None:
+                ids.append(separator)
+            if len(ids) >= needed:
+                break
+        if not repeat or len(ids) == before:
             break
     if len(ids) < needed:
         raise HarnessError(f"corpus {corpus} has {len(ids):,} tokens in its {split} split, fewer than the "

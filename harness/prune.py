@@ -5,6 +5,8 @@ interrupted or failed prune never leaves a half-written run. Level 0 is the dens
 model is saved unchanged. A recipe with `recovery` then distils the dense model into the pruned one
 (`harness.recovery`); its state is checkpointed beside the run (`RunDir.resume_dir`), so the same
 command after an interruption goes on from the last checkpoint, and its loss curve is saved in the run.
+A composed recipe (`<pruning>+int8`) whose FP32 run is finished and current quantizes that run's
+weights instead of pruning and training again.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from harness import backends, corpus, layout, load, quantize, recovery, sparsity
 from harness.errors import HarnessError
 from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
-from harness.recipes import DEFAULT_RECIPE, Calibration, Recipe, load_recipe, parse_overrides
+from harness.recipes import DEFAULT_RECIPE, Calibration, Recipe, load_recipe, parse_overrides, unquantized
 from harness.rundir import RunDir, fingerprint, parse_level, stage_run, staging_dir, write_json
 
 SEED = 0
@@ -67,6 +69,21 @@ def check_schedule(backend: backends.Backend, recipe: Recipe, fraction: float) -
     return schedule
 
 
+def run_inputs(spec: load.ModelSpec, recipe: Recipe, level: float) -> str:
+    """The prune stage's inputs fingerprint: a run with the same one is up to date."""
+    return fingerprint(spec.to_dict(), recipe.text, recipe.params, level, SEED)
+
+
+def finished_fp32_run(spec: load.ModelSpec, recipe: Recipe, level: float) -> RunDir | None:
+    """For a composed INT8 recipe at level > 0: its pruning recipe's run at this level, when it is finished and
+    current (then quantization starts from its weights)."""
+    if not recipe.quantization or level == 0:
+        return None
+    fp32 = load_recipe(unquantized(recipe.name))
+    run = RunDir(spec.name, fp32.name, level)
+    return run if run.is_current("prune", run_inputs(spec, fp32, level), [MODEL_SUBDIR, SPARSITY_FILE]) else None
+
+
 def check_level(backend: backends.Backend, job: backends.PruneJob) -> None:
     """Fail unless the job's targets reached its level."""
     params = dict(job.model.named_parameters())
@@ -89,15 +106,16 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     source = load.checkpoint_dir(spec)  # fail on a missing model before anything is written
     quantize.check_available(recipe, source)
     run = RunDir(spec.name, recipe.name, level)
-    inputs = fingerprint(spec.to_dict(), recipe.text, recipe.params, level, SEED)
+    inputs = run_inputs(spec, recipe, level)
     if not force and run.is_current("prune", inputs, [MODEL_SUBDIR, SPARSITY_FILE]):
         print(f"prune: {run.path} is up to date (use --force to redo)")
         return run
     plan = recipe.recovery
-    if level == 0 and not (plan and plan.control):  # the dense baseline, saved unchanged
+    fp32_run = finished_fp32_run(spec, recipe, level)
+    if (level == 0 and not (plan and plan.control)) or fp32_run:  # the dense baseline, saved unchanged
         plan = None
     gradual = False  # the recipe prunes while training (then the training is its recovery)
-    if level > 0:
+    if level > 0 and not fp32_run:
         gradual = check_schedule(backend, recipe, level / 100).steps > 0
         if plan:
             corpus.resolve_corpus(plan.corpus)
@@ -131,7 +149,11 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
 
             if gradual:
                 job.train = distil
-            if level > 0 and not (resume and resume.exists() and not gradual):  # a resumed recovery has the pruned weights
+            if fp32_run:
+                _load_weights(loaded.model, fp32_run)
+                check_level(backend, job)
+                record.update(pruned_by=str(fp32_run.path))
+            elif level > 0 and not (resume and resume.exists() and not gradual):  # a resumed recovery has the pruned weights
                 if recipe.calibration.samples:
                     job.calibration = calibration_batches(loaded, recipe.calibration)
                 backend.prune(job)
@@ -160,6 +182,17 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
           f"of {measured.prunable_params:,} prunable weights, {measured.overall_percent:.2f}% overall "
           f"-> {run.path}")
     return run
+
+
+def _load_weights(model: torch.nn.Module, run: RunDir) -> None:
+    from safetensors.torch import load_file
+
+    state = {k: v for path in sorted(run.model_dir.glob("*.safetensors")) for k, v in load_file(path).items()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    params = {name for name, _ in model.named_parameters()}
+    if set(missing) & params - set(getattr(model, "_tied_weights_keys", None) or []):
+        raise HarnessError(f"{run.model_dir} lacks weights of the model ({sorted(set(missing) & params)[0]}): "
+                           f"prune it again with --force")
 
 
 def add_arguments(parser) -> None:

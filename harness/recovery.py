@@ -1,13 +1,17 @@
 """Recovery: distil the dense model into the pruned one on training text, with the mask fixed, or
 train through a gradual recipe's pruning schedule.
 
-The student is the pruned model, the teacher the dense one it came from. Batches are fixed-length
-sequences of a training corpus (`corpus.token_sequences`, never evaluation data), a token budget
-rather than a step count, AdamW with linear warm-up and cosine decay, gradient accumulation. The
+The student is the pruned model, the teacher the dense one it came from. Batches are sequences of a
+training corpus (`corpus.token_sequences`, never evaluation data; a budget larger than the corpus
+reads it again): full `seq_len` spans for decoders
+and encoder-decoders; for encoders (`lengths: mixed`), spans of random length between MIN_MIXED_LEN and
+`seq_len` wrapped in the tokenizer's special tokens and padded, the form of an encoder's inputs (a
+sentence embedder never sees 128 tokens without [CLS]). A token budget rather than a step count (it
+counts `seq_len` slots per sequence; the curve counts the real tokens), AdamW with linear warm-up and cosine decay, gradient accumulation. The
 loss: for models with logits (decoders, encoder-decoders, classifiers), temperature-scaled KL from
 the teacher's distribution, mixed with the model's own language-modelling loss by `kl_weight`; for
 headless encoders (MiniLM), one minus the cosine of the mean-pooled embeddings plus the mean squared
-error of the last hidden states. Every pruned weight stays exactly zero: its mask is re-applied after
+error of the last hidden states (both over the real tokens). Every pruned weight stays exactly zero: its mask is re-applied after
 each optimizer step. A gradual recipe passes its backend's `Hooks` instead: they run around every step
 and own the masks (the sparsity ramps over the first `ramp` of the steps, then stays fixed).
 
@@ -38,6 +42,8 @@ from harness.rundir import fingerprint, write_atomic
 STATE_FILE = "recovery-state.pt"
 KEY_FILE = "recovery-state.key"  # the state's key, readable without loading the state
 TRAINABLE = ("targets", "targets+norms+biases")
+LENGTHS = ("auto", "fixed", "mixed")  # auto: mixed for encoders, fixed otherwise
+MIN_MIXED_LEN = 8
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class RecoveryPlan:
     temperature: float = 2.0
     kl_weight: float = 1.0  # models with logits: 1 = pure distillation, 0 = pure language modelling
     trainable: str = "targets"  # or "targets+norms+biases"
+    lengths: str = "auto"  # training sequences: fixed (seq_len tokens), mixed (wrapped spans), auto
     corpus: str = corpus.DEFAULT_CORPUS
     checkpoint_minutes: float = 10.0
     seed: int = 0
@@ -69,8 +76,12 @@ class RecoveryPlan:
     def check(self) -> None:
         if self.trainable not in TRAINABLE:
             raise HarnessError(f"recovery: trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.lengths not in LENGTHS:
+            raise HarnessError(f"recovery: lengths must be one of {', '.join(LENGTHS)}, got {self.lengths!r}")
         if min(self.tokens, self.seq_len, self.batch_size, self.accumulation) < 1 or self.lr <= 0:
             raise HarnessError("recovery: tokens, seq_len, batch_size, accumulation and lr must be positive")
+        if self.lengths == "mixed" and self.seq_len < MIN_MIXED_LEN:
+            raise HarnessError(f"recovery: mixed lengths need seq_len of at least {MIN_MIXED_LEN}, got {self.seq_len}")
         if not 0 <= self.kl_weight <= 1 or not 0 <= self.warmup < 1 or not 0 <= self.ramp <= 1:
             raise HarnessError("recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)")
 
@@ -138,14 +149,42 @@ def distillation_loss(student_out, teacher_out, batch: dict, plan: RecoveryPlan)
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     pooled_target = (target * mask).sum(1) / mask.sum(1)
     cosine = torch.nn.functional.cosine_similarity(pooled, pooled_target, dim=-1).mean()
-    return (1 - cosine) + torch.nn.functional.mse_loss(hidden, target)
+    squared_error = ((hidden - target) ** 2 * mask).sum() / (mask.sum() * hidden.shape[-1])
+    return (1 - cosine) + squared_error
 
 
-def _batch(sequences: torch.Tensor, architecture: str, has_labels: bool) -> dict:
-    batch = {"input_ids": sequences, "attention_mask": torch.ones_like(sequences)}
-    if has_labels:
-        batch["labels"] = sequences.clone()  # decoders shift it; encoder-decoders learn to reproduce it
-    return batch
+class Batches:
+    """The training batches of a plan: micro-batch `index` of the run, the same on every (re)start."""
+
+    def __init__(self, tokenizer, plan: RecoveryPlan, architecture: str, has_labels: bool):
+        mixed = plan.lengths == "mixed" or (plan.lengths == "auto" and architecture == "encoder")
+        count = plan.steps * plan.sequences_per_step
+        self.plan, self.has_labels, self.tokenizer = plan, has_labels, tokenizer if mixed else None
+        if mixed:  # consecutive spans of one token stream, each wrapped in the special tokens
+            special = len(tokenizer.build_inputs_with_special_tokens([]))
+            generator = torch.Generator().manual_seed(plan.seed)
+            lengths = torch.randint(MIN_MIXED_LEN - special, plan.seq_len - special + 1, (count,), generator=generator)
+            stream = corpus.token_sequences(tokenizer, plan.corpus, 1, int(lengths.sum()), repeat=True)[0]
+            self.spans = list(torch.split(stream, lengths.tolist()))
+        else:
+            self.sequences = corpus.token_sequences(tokenizer, plan.corpus, count, plan.seq_len, repeat=True)
+
+    def __call__(self, index: int) -> dict:
+        rows = slice(index * self.plan.batch_size, (index + 1) * self.plan.batch_size)
+        if self.tokenizer is None:
+            ids = self.sequences[rows]
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            spans = [self.tokenizer.build_inputs_with_special_tokens(span.tolist()) for span in self.spans[rows]]
+            width = max(map(len, spans))
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.tensor([span + [pad] * (width - len(span)) for span in spans])
+            mask = torch.tensor([[1] * len(span) + [0] * (width - len(span)) for span in spans])
+            batch = {"input_ids": ids, "attention_mask": mask}
+        if self.has_labels:
+            # decoders shift it; encoder-decoders learn to reproduce it; padding is no target
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
 
 
 class Resume:
@@ -186,7 +225,6 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         raise HarnessError(f"recovery needs about {needed / 2**30:.1f} GiB (weights, teacher, optimizer, activations "
                            f"of {plan.batch_size} x {plan.seq_len} tokens) but {available / 2**30:.1f} GiB is "
                            f"available: lower batch_size or seq_len (raise accumulation to keep the batch)")
-    sequences = corpus.token_sequences(tokenizer, plan.corpus, plan.steps * plan.sequences_per_step, plan.seq_len)
     params = dict(student.named_parameters())
     for name, param in params.items():
         param.requires_grad_(name in trained)
@@ -206,9 +244,11 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
     hooks = hooks or Hooks()
     _replay(hooks, start_step, trained, params)
     has_labels = getattr(student.config, "is_encoder_decoder", False) or architecture == "decoder"
+    batches = Batches(tokenizer, plan, architecture, has_labels)
     teacher.eval()
     student.train()
     started, last_save = time.time(), time.time()
+    seen = seen_before = curve[-1].tokens if curve else 0
     progress = tqdm(range(start_step, plan.steps), initial=start_step, total=plan.steps, unit="step",
                     desc=f"{'distillation' if masks else 'pruning + distillation'} ({plan.tokens / 1e6:g}M tokens)")
     for step in progress:
@@ -217,8 +257,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         hooks.before_step(step)
         total = 0.0
         for micro in range(plan.accumulation):
-            first = (step * plan.accumulation + micro) * plan.batch_size
-            batch = _batch(sequences[first:first + plan.batch_size], architecture, has_labels)
+            batch = batches(step * plan.accumulation + micro)
+            seen += int(batch["attention_mask"].sum())
             with torch.no_grad():
                 teacher_out = teacher(**batch)
             loss = distillation_loss(student(**batch), teacher_out, batch, plan) / plan.accumulation
@@ -231,9 +271,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         with torch.no_grad():
             for name, mask in masks.items():
                 params[name].mul_(mask)
-        tokens = (step + 1) * plan.sequences_per_step * plan.seq_len
-        curve.append(CurvePoint(step + 1, tokens, round(total, 6)))
-        progress.set_postfix(loss=f"{total:.4f}", tok_s=f"{plan.sequences_per_step * plan.seq_len * (step + 1 - start_step) / (time.time() - started):.0f}")
+        curve.append(CurvePoint(step + 1, seen, round(total, 6)))
+        progress.set_postfix(loss=f"{total:.4f}", tok_s=f"{(seen - seen_before) / (time.time() - started):.0f}")
         if time.time() - last_save > 60 * plan.checkpoint_minutes and step + 1 < plan.steps:
             resume.save({"step": step + 1, "weights": {n: params[n].detach().clone() for n in trained},
                          "optimizer": optimizer.state_dict(), "curve": curve, "rng": torch.get_rng_state()})
@@ -242,7 +281,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
     student.eval()
     for param in params.values():
         param.requires_grad_(True)
-    return Recovery(plan=asdict(plan), curve=curve, tokens=plan.steps * plan.sequences_per_step * plan.seq_len,
+    return Recovery(plan=asdict(plan), curve=curve, tokens=seen,
                     steps=plan.steps, wall_time_s=round(time.time() - started, 1), resumed_from=resumed_from)
 
 

@@ -41,9 +41,14 @@ def test_heldout_split_is_every_twentieth_document(tokenizer, documents):
     assert "document 01" not in held
 
 
-def test_too_few_tokens_is_one_clear_error(tokenizer, documents):
+def test_too_few_tokens_is_one_clear_error_unless_training_reads_the_corpus_again(tokenizer, documents):
     with pytest.raises(HarnessError, match="fewer than the 1000 x 512"):
         corpus.token_sequences(tokenizer, str(documents), 1000, 512)
+    split = [token for text in corpus.resolve_corpus(str(documents)).split("train")
+             for token in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    epochs = corpus.token_sequences(tokenizer, str(documents), 1000, 512, repeat=True).flatten().tolist()
+    assert len(epochs) == 1000 * 512 > 2 * len(split)
+    assert epochs[:len(split)] == split and epochs[len(split):2 * len(split)] == split
 
 
 def test_the_registered_corpus_reads_the_shared_training_text(tokenizer):

@@ -73,6 +73,8 @@ def test_zeros_survive_quantization(runs):
         assert torch.equal(quantized[name] == 0, pruned[name] == 0), name  # the same mask, recounted
         values, scale = checkpoint[name], checkpoint[f"{name}.scale"]
         assert values.dtype == torch.int8 and torch.equal(values.float() * scale, quantized[name])
+        assert bool(((quantized[name] - pruned[name]).abs() <= scale / 2 + 1e-7).all()), name  # the FP32 run's weights
+    assert int8.stage_record("prune")["pruned_by"] == str(fp32.path)  # quantized the finished FP32 run
     assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent == fp32.read(SPARSITY_FILE, Sparsity).achieved_percent
     summary = (quantize.quantization_dir(int8.path) / quantize.SUMMARY_FILE).read_text()
     assert '"zeros_preserved": true' in summary

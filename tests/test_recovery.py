@@ -60,6 +60,34 @@ def test_the_encoder_loss_is_zero_for_the_teacher_itself_and_grows_with_the_diff
         < float(recovery.distillation_loss(student_out, teacher_out, batch, PLAN))
 
 
+def test_encoders_train_on_mixed_length_spans_in_their_special_tokens_and_padding_is_no_loss():
+    loaded = load.load_model("minilm")
+    tokenizer, plan = loaded.tokenizer, recovery.RecoveryPlan(tokens=4 * 16 * 64, seq_len=64, batch_size=16,
+                                                              accumulation=1)
+    batches = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)
+    lengths = []
+    for index in range(4):
+        batch = batches(index)
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+            length = sum(mask)
+            assert mask == [1] * length + [0] * (len(mask) - length)
+            assert ids[0] == tokenizer.cls_token_id and ids[length - 1] == tokenizer.sep_token_id
+            assert set(ids[length:]) <= {tokenizer.pad_token_id}
+            lengths.append(length)
+    assert min(lengths) >= recovery.MIN_MIXED_LEN and max(lengths) <= 64 and len(set(lengths)) > 20
+    again = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)(3)  # a restart sees the same batch
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    fixed = recovery.Batches(tokenizer, plan, "decoder", has_labels=True)(0)
+    assert fixed["input_ids"].shape == (16, 64) and bool(fixed["attention_mask"].all())
+
+    with torch.no_grad():
+        teacher_out = loaded.model(**batch)
+    hidden = teacher_out.last_hidden_state.clone()
+    hidden[batch["attention_mask"] == 0] += 5.0  # what the model computes at padding is no target
+    moved = type(teacher_out)(last_hidden_state=hidden)
+    assert float(recovery.distillation_loss(moved, teacher_out, batch, plan)) == pytest.approx(0, abs=1e-6)
+
+
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     student, teacher, tokenizer, architecture, targets = pruned_pair("tiny-gpt2")
     reference = copy.deepcopy(student)
@@ -90,6 +118,8 @@ def test_bad_plans_are_one_clear_line():
         recovery.RecoveryPlan(trainable="everything").check()
     with pytest.raises(HarnessError, match="kl_weight"):
         recovery.RecoveryPlan(kl_weight=2).check()
+    with pytest.raises(HarnessError, match="lengths must be one of"):
+        recovery.RecoveryPlan(lengths="short").check()
 
 
 RECOVER = "sparseml/magnitude-recover"
