@@ -185,10 +185,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
 
 
 def _load_weights(model: torch.nn.Module, run: RunDir) -> None:
-    from safetensors.torch import load_file
-
-    state = {k: v for path in sorted(run.model_dir.glob("*.safetensors")) for k, v in load_file(path).items()}
-    missing, _ = model.load_state_dict(state, strict=False)
+    missing, _ = model.load_state_dict(dict(sparsity.saved_tensors(run.model_dir)), strict=False)
     params = {name for name, _ in model.named_parameters()}
     if set(missing) & params - set(getattr(model, "_tied_weights_keys", None) or []):
         raise HarnessError(f"{run.model_dir} lacks weights of the model ({sorted(set(missing) & params)[0]}): "

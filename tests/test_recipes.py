@@ -7,12 +7,13 @@ import types
 import pytest
 import torch
 
-from harness import backends, cli
+from harness import backends, cli, prune
 from harness.backends import Backend, Schedule
 from harness.errors import HarnessError
 from harness.layout import SPARSITY_FILE, Sparsity
 from harness.paths import PROJECT_ROOT
 from harness.recipes import load_recipe
+from harness.sparsity import saved_tensors
 from harness.rundir import RunDir, read_json
 
 GRADUAL = "sparseml/gradual-magnitude"
@@ -56,14 +57,27 @@ def recipe_file(tmp_path, name: str, backend: str, params: str = "{}", samples: 
     ("tiny-gpt2", GRADUAL, ["--set", "steps=8", "--set", "hold=8"],
      "recipe sparseml/gradual-magnitude has no parameter hold, steps (it has: corpus, tokens, train_seq_len, "
      "batch_size, accumulation, lr, temperature, kl_weight, trainable, lengths, checkpoint_minutes, control, ramp, init_sparsity, "
-     "mask_updates)"),
+     "mask_updates, mask_type)"),
     ("tiny-gpt2", GRADUAL, ["--set", "ramp=1.5"], "recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)"),
     ("tiny-gpt2", GRADUAL, ["--set", "steps"], "--set expects name=value, got 'steps'"),
+    ("tiny-deberta", "sparseml/oneshot-magnitude", ["--set", "mask_type=block3"],
+     "recipe sparseml/oneshot-magnitude@mask_type=block3: Unknown mask_type block3. Supported mask types include "
+     "'unstructured' and 'block4'"),
 ])
 def test_a_bad_parameter_is_one_line_and_nothing_is_created(capsys, runs_root, model, recipe, options, message):
     code, lines = prune_cli(capsys, model, 90, recipe, *options)
     assert (code, lines) == (2, [f"error: {message}"])
     assert list(runs_root.iterdir()) == []
+
+
+def test_block4_masks_prune_whole_groups_of_four_input_weights(runs_root):
+    run = prune.prune("tiny-deberta", 75, "sparseml/oneshot-magnitude", {"mask_type": "block4"})
+    weights = dict(saved_tensors(run.model_dir))
+    targets = run.read(SPARSITY_FILE, Sparsity).prunable_tensors
+    assert run.read(SPARSITY_FILE, Sparsity).achieved_percent == pytest.approx(75, abs=1)
+    for name in targets:
+        groups = (weights[name] == 0).reshape(weights[name].shape[0], -1, 4)
+        assert bool((groups.all(-1) | ~groups.any(-1)).all()), name  # each group of 4 is all zero or none
 
 
 def test_a_bool_parameter_takes_only_true_or_false(capsys, runs_root, tmp_path):

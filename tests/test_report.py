@@ -10,6 +10,7 @@ from harness import report, sweep
 from harness.errors import HarnessError
 from harness.paths import reports_dir, runs_dir
 from harness.report.format import number
+from harness.report.recovery import budget_family
 
 MODEL = "tiny-gpt2"
 RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
@@ -208,3 +209,14 @@ def test_shape_only_model_has_no_accuracy_and_a_combined_shapes_table(scratch):
 def test_unknown_model_is_one_clear_error(swept):
     with pytest.raises(HarnessError, match="run `make sweep MODEL=no-such-model` first"):
         report.report(["no-such-model"])
+
+
+@pytest.mark.parametrize("recipe,family", [
+    ("sparseml/magnitude-recover@tokens=5000000,lr=0.005", "sparseml/magnitude-recover@lr=0.005"),
+    ("sparseml/magnitude-recover@lr=0.005,tokens=1250000", "sparseml/magnitude-recover@lr=0.005"),
+    ("sparseml/magnitude-recover@tokens=400000", "sparseml/magnitude-recover"),
+    ("sparseml/gradual-magnitude@lr=0.005,tokens=1,ramp=0.5", "sparseml/gradual-magnitude@lr=0.005,ramp=0.5"),
+    ("sparseml/magnitude-recover@max_tokens=3", "sparseml/magnitude-recover@max_tokens=3"),
+])
+def test_runs_that_differ_only_in_their_budget_share_an_accuracy_vs_tokens_line(recipe, family):
+    assert budget_family(recipe) == family

@@ -91,6 +91,18 @@ def _train_with(manager, job: PruneJob, steps: int, loggers) -> None:
     manager.finalize(model)
 
 
+def _check_mask_types(recipe: Recipe, manager) -> None:
+    """A modifier's `mask_type` SparseML does not know fails here in one line, not deep in its first update."""
+    from sparseml.pytorch.sparsification.pruning.mask_creator import get_mask_creator_default
+
+    for modifier in manager.iter_modifiers():
+        if hasattr(modifier, "mask_type"):
+            try:
+                get_mask_creator_default(modifier.mask_type)
+            except ValueError as exc:
+                raise HarnessError(f"recipe {recipe.name}: {exc}") from None
+
+
 def _run_manager(job: PruneJob) -> str:
     """A legacy `sparseml.pytorch` recipe: one-shot, or a schedule run while the prune stage trains."""
     from sparseml.pytorch import utils as logger_module
@@ -197,7 +209,9 @@ def schedule(recipe: Recipe, sparsity: float) -> Schedule:
     if not LEGACY_MODIFIER_TAG.search(recipe.body):
         return Schedule(steps=0, calibrates=True)
     with _quiet_sparseml():
-        return Schedule(steps=_training_steps(_manager(recipe, sparsity, [])))
+        manager = _manager(recipe, sparsity, [])
+        _check_mask_types(recipe, manager)
+        return Schedule(steps=_training_steps(manager))
 
 
 def prune(job: PruneJob) -> None:

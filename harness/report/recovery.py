@@ -1,11 +1,13 @@
-"""Recovery: what distilling the dense model into a pruned one cost (tokens, time, memory) and its loss curve."""
+"""Recovery: what distilling the dense model into a pruned one cost (tokens, time, memory), its loss curve,
+and accuracy against training tokens (runs that differ only in their budget, `@tokens=...`, on one line)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from harness.report.accuracy import accuracy_points, dense_value
 from harness.report.format import number, run_link, table
-from harness.report.plotting import PlotSet, recipe_styles
+from harness.report.plotting import DENSE_LINE, PlotSet, recipe_styles
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
 
@@ -23,6 +25,43 @@ def plot_curves(models: ModelRuns, runs: list[Run], path: Path) -> None:
         ax.set(xlabel="training tokens (millions)", ylabel="distillation loss per optimizer step", yscale="log")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"{models.name}: recovery loss curves")
+
+
+def budget_family(recipe: str) -> str:
+    """The recipe's name without its `tokens` budget: runs of one family differ only in how long they trained."""
+    family = re.sub(r"(?<=[@,])tokens=[^,]*,?", "", recipe).rstrip(",")
+    return family[:-1] if family.endswith("@") else family
+
+
+def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
+    """One panel per benchmark metric: accuracy against recovery tokens, a line per recipe family and level,
+    the dense baseline dashed. False (nothing drawn) when no recovered pruned run has been evaluated."""
+    from harness import plots
+
+    panels = {}
+    for benchmark, metrics in accuracy_points(models).items():
+        for metric, series in metrics.items():
+            lines: dict = {}
+            for recipe, entries in series.items():
+                for run, entry in entries:
+                    if run.level > 0 and run.recovery:
+                        lines.setdefault((budget_family(recipe), run.level), []).append((run.recovery.tokens, entry.value))
+            if lines:
+                panels[f"{benchmark}: {metric}"] = (lines, dense_value(series))
+    if not panels:
+        return False
+    with plots.figure(path, panels=len(panels), panel_width=6.0) as (fig, axes):
+        for ax, (title, (lines, dense)) in zip(axes, panels.items()):
+            for (family, level), points in sorted(lines.items()):
+                points.sort()
+                ax.plot([tokens / 1e6 for tokens, _ in points], [value for _, value in points], marker="o",
+                        label=f"{family} {level_name(level)} %")
+            if dense:
+                ax.axhline(dense[1], **DENSE_LINE, label="dense (level 0)")
+            ax.set(title=title, xlabel="training tokens (millions)", xlim=(0, None))
+            ax.legend(fontsize="small")
+        fig.suptitle(f"{models.name}: accuracy vs recovery tokens (PyTorch)")
+    return True
 
 
 def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
@@ -45,7 +84,12 @@ def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
                     "peak MB", "run directory"], rows)
     path = plots.path("recovery")
     plot_curves(models, runs, path)
-    return lines + ["", plots.image(path, "recovery loss curves"), ""] + control_lines(models)
+    lines += ["", plots.image(path, "recovery loss curves"), ""]
+    path = plots.path("recovery-tokens")
+    if plot_accuracy_vs_tokens(models, path):
+        lines += ["Accuracy against training tokens: how far each budget got, and how far the dense line still is.",
+                  "", plots.image(path, "accuracy vs recovery tokens"), ""]
+    return lines + control_lines(models)
 
 
 def control_lines(models: ModelRuns) -> list[str]:
