@@ -190,6 +190,11 @@ def load_recipe(name: str) -> Recipe:
     return recipe.with_params(parse_overrides(variant.split(","), what=f"recipe variant {name}{VARIANT_MARK}{variant}"))
 
 
+def canonical_name(name: str) -> str:
+    """A recipe name as prune names its runs: a variant's parameters in any order give the same name."""
+    return load_recipe(name).name if VARIANT_MARK in name else name
+
+
 def unquantized(name: str) -> str:
     """The pruning recipe of a composed recipe's name (`a/b+int8@x=1` -> `a/b@x=1`); other names unchanged."""
     base, mark, variant = name.partition(VARIANT_MARK)

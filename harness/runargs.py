@@ -12,7 +12,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.layout import MANIFEST
 from harness.paths import runs_dir
-from harness.recipes import DEFAULT_RECIPE, unquantized
+from harness.recipes import DEFAULT_RECIPE, canonical_name, unquantized
 from harness.rundir import RunDir, parse_level, read_json, safe_name
 
 
@@ -40,7 +40,8 @@ def resolve_run(model: str, recipe: str | None, level) -> RunDir:
     """A run directory path, or a model with a level (and a recipe, default DEFAULT_RECIPE)."""
     from harness.load import resolve_spec  # transformers: imported only when a model must be resolved
 
-    return run_directory(model) or RunDir(resolve_spec(model).name, recipe or DEFAULT_RECIPE, parse_level(level))
+    return run_directory(model) or RunDir(resolve_spec(model).name, canonical_name(recipe or DEFAULT_RECIPE),
+                                          parse_level(level))
 
 
 def run_from_args(args) -> RunDir:

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from harness import backends, cli, prune
+from harness import backends, cli, prune, runargs
 from harness.backends import Backend, Schedule
 from harness.errors import HarnessError
 from harness.layout import SPARSITY_FILE, Sparsity
@@ -122,6 +122,10 @@ def test_a_recipe_with_changed_parameters_is_a_variant_with_its_own_name_and_run
     assert sorted(d.name for d in recipes_dir.iterdir()) == ["oneshot-magnitude", "oneshot-magnitude@pattern=4x1"]
     manifest = RunDir("tiny-gpt2", f"{oneshot}@pattern=4x1", 50).manifest()
     assert manifest["params"]["pattern"] == "4x1" and manifest["recipe"] == f"{oneshot}@pattern=4x1"
+    # the later stages find a variant's run whatever the order of its parameters
+    reordered = "sparseml/oneshot-magnitude@owl_lambda=0.1,allocation=owl"
+    assert runargs.resolve_run("tiny-gpt2", reordered, 50) == \
+        RunDir("tiny-gpt2", "sparseml/oneshot-magnitude@allocation=owl,owl_lambda=0.1", 50)
 
 
 # --- the backend contract and registry --------------------------------------------------------------

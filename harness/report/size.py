@@ -16,12 +16,13 @@ SIZE_FORMATS = {
     "sparse_bitmask": "sparse-bitmask format (compressed-tensors)",
     "onnx": "ONNX graph(s)",
     "onnx_gzip": "ONNX, gzip-compressed",
+    "checkpoint_int8": "INT8 checkpoint (INT8 runs: quantized weights as int8 plus scales)",
 }
 PLOTTED_SIZES = ("checkpoint", "checkpoint_gzip", "sparse_bitmask")
 
 
-def size(run: Run, key: str) -> SizeEntry:
-    """One of the run's sizes on disk (a SIZE_FORMATS key)."""
+def size(run: Run, key: str) -> SizeEntry | None:
+    """One of the run's sizes on disk (a SIZE_FORMATS key; None where the run has no such format)."""
     return getattr(run.bench.sizes, key)
 
 
@@ -58,7 +59,8 @@ def section_size(models: ModelRuns, plots: PlotSet) -> list[str]:
     for run in runs:
         cells = []
         for key in SIZE_FORMATS:
-            cells += [number(size(run, key).bytes), number(size(run, key).bits_per_weight)]
+            entry = size(run, key)
+            cells += [number(entry.bytes), number(entry.bits_per_weight)] if entry else ["–", "–"]
         rows.append([run.recipe, level_name(run.level), number(run.bench.sizes.params), *cells, run_link(run)])
     header = [h for key in SIZE_FORMATS for h in (f"{key} bytes", f"{key} bits/weight")]
     lines += table(["recipe", "level %", "weights", *header, "run directory"], rows)
