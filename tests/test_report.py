@@ -10,6 +10,7 @@ from harness import report, sweep
 from harness.errors import HarnessError
 from harness.paths import reports_dir, runs_dir
 from harness.report.format import number
+from harness.report.plotting import wrapped
 from harness.report.recovery import budget_family
 
 MODEL = "tiny-gpt2"
@@ -220,3 +221,12 @@ def test_unknown_model_is_one_clear_error(swept):
 ])
 def test_runs_that_differ_only_in_their_budget_share_an_accuracy_vs_tokens_line(recipe, family):
     assert budget_family(recipe) == family
+
+
+def test_long_legend_labels_wrap_after_separators_and_keep_their_text():
+    name = "sparseml/sparsegpt-recover@accumulation=2,batch_size=16,lr=0.005,trainable=targets+norms+biases 90 %"
+    lines = wrapped(name, width=40).split("\n")
+    assert len(lines) == 3 and all(len(line) <= 40 for line in lines)
+    assert lines[0] == "sparseml/sparsegpt-recover@"
+    assert re.sub(r"\s", "", "".join(lines)) == re.sub(r"\s", "", name)
+    assert wrapped("DeepSparse") == "DeepSparse"

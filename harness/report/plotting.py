@@ -63,11 +63,21 @@ def _nan(value) -> float:
     return math.nan if value is None else value
 
 
+def wrapped(label: str, width: int = 40) -> str:
+    """A legend label on lines of at most `width` characters, broken after `@`, `,` or a space (long variant names)."""
+    lines = [""]
+    for piece in re.findall(r"[^@, ]+[@, ]?|[@, ]", label):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def legend(ax, colors: dict[str, str], styles: dict[str, dict], extra: dict[str, dict] | None = None) -> None:
     """One legend outside the axes: a colour per quantity, a line style per recipe (or model), then extras."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=color, label=label) for label, color in colors.items()]
-    handles += [Line2D([], [], label=label, **{"color": "grey", **style}) for label, style in styles.items()]
-    handles += [Line2D([], [], label=label, **style) for label, style in (extra or {}).items()]
+    handles = [Line2D([], [], color=color, label=wrapped(label)) for label, color in colors.items()]
+    handles += [Line2D([], [], label=wrapped(label), **{"color": "grey", **style}) for label, style in styles.items()]
+    handles += [Line2D([], [], label=wrapped(label), **style) for label, style in (extra or {}).items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harness.report.accuracy import accuracy_points, dense_value
 from harness.report.format import number, run_link, table
-from harness.report.plotting import DENSE_LINE, PlotSet, recipe_styles
+from harness.report.plotting import DENSE_LINE, PlotSet, recipe_styles, wrapped
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
 
@@ -21,7 +21,7 @@ def plot_curves(models: ModelRuns, runs: list[Run], path: Path) -> None:
         for run in runs:
             curve = run.recovery.curve
             ax.plot([point.tokens / 1e6 for point in curve], [point.loss for point in curve],
-                    label=f"{run.recipe} {level_name(run.level)} %", **{**styles[run.recipe], "marker": None})
+                    label=wrapped(f"{run.recipe} {level_name(run.level)} %"), **{**styles[run.recipe], "marker": None})
         ax.set(xlabel="training tokens (millions)", ylabel="distillation loss per optimizer step", yscale="log")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"{models.name}: recovery loss curves")
@@ -55,7 +55,7 @@ def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
             for (family, level), points in sorted(lines.items()):
                 points.sort()
                 ax.plot([tokens / 1e6 for tokens, _ in points], [value for _, value in points], marker="o",
-                        label=f"{family} {level_name(level)} %")
+                        label=wrapped(f"{family} {level_name(level)} %"))
             if dense:
                 ax.axhline(dense[1], **DENSE_LINE, label="dense (level 0)")
             ax.set(title=title, xlabel="training tokens (millions)", xlim=(0, None))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from harness.layout import ANALYSIS_SUBDIR, STAGE_OUTPUTS, SUMMARY_MD
 from harness.report.format import number, percent, relative_to_reports, run_link, shape_note, table
-from harness.report.plotting import PlotSet, by_recipe, draw, legend, recipe_styles, sparsity_axis
+from harness.report.plotting import PlotSet, by_recipe, draw, legend, recipe_styles, sparsity_axis, wrapped
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
 
@@ -50,7 +50,7 @@ def plot_structure(models: ModelRuns, runs: list[Run], path: Path) -> None:
                                 color=f"C{i}", linestyle=linestyle, marker="o", markersize=3)
                 ax.set_xticks(range(len(layers)), layers, rotation=90 if len(layers) > 12 else 0)
             near = recipe_runs[0].structure.get("heatmap_measure")
-            ax.set(title=f"by layer, {recipe}", xlabel="layer (`other` = outside the blocks)",
+            ax.set(title=wrapped(f"by layer, {recipe}", 60), xlabel="layer (`other` = outside the blocks)",
                    ylabel="% of the layer's weights", ylim=(0, 100))
             legend(ax, level_colors, {labels.get("zero", "zero"): {"linestyle": "-"},
                                       labels.get(near, str(near)): {"linestyle": "--"}})
