@@ -112,7 +112,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
         return run
     plan = recipe.recovery
     fp32_run = finished_fp32_run(spec, recipe, level)
-    if (level == 0 and not (plan and plan.control)) or fp32_run:  # the dense baseline, saved unchanged
+    if (level == 0 and not (plan and plan.control)) or fp32_run:  # the dense baseline, or FP32 weights to quantize
         plan = None
     gradual = False  # the recipe prunes while training (then the training is its recovery)
     if level > 0 and not fp32_run:

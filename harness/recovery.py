@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from harness import corpus
 from harness.errors import HarnessError
+from harness.evaluators.onnx_engine import pad_right
 from harness.layout import CurvePoint, Recovery
 from harness.rundir import fingerprint, write_atomic
 
@@ -176,11 +177,8 @@ class Batches:
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         else:
             spans = [self.tokenizer.build_inputs_with_special_tokens(span.tolist()) for span in self.spans[rows]]
-            width = max(map(len, spans))
-            pad = self.tokenizer.pad_token_id or 0
-            ids = torch.tensor([span + [pad] * (width - len(span)) for span in spans])
-            mask = torch.tensor([[1] * len(span) + [0] * (width - len(span)) for span in spans])
-            batch = {"input_ids": ids, "attention_mask": mask}
+            ids, mask = pad_right(spans, max(map(len, spans)), self.tokenizer.pad_token_id or 0)
+            batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self.has_labels:
             # decoders shift it; encoder-decoders learn to reproduce it; padding is no target
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
