@@ -26,6 +26,7 @@ from harness import sparsity
 from harness.errors import HarnessError
 
 DEFAULT = "uniform"
+PARAMS = ("allocation", "owl_threshold_m", "owl_lambda", "min_level", "max_level")  # the recipe params it reads
 SHIFT_STEPS = 200  # bisection steps for the common shift: far below one weight in a billion
 
 

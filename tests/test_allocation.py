@@ -5,8 +5,8 @@ import torch
 
 from harness import allocation, load, prune, sparsity
 from harness.errors import HarnessError
-from harness.layout import SPARSITY_FILE
-from harness.rundir import read_json
+from harness.layout import EVAL_FILE, SPARSITY_FILE, BenchmarkResult, Evaluation, Metric, to_json
+from harness.rundir import read_json, write_json
 
 SIZES = {f"model.layers.{block}.{name}.weight": size for block in range(4)
          for name, size in (("q_proj", 4096), ("up_proj", 11008), ("down_proj", 11007))}
@@ -130,13 +130,21 @@ def test_report_shows_method_allocation_and_level_with_the_per_layer_levels():
     from harness.report.allocation import section_allocation
     from harness.report.runs import collect
 
-    prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude", {"allocation": "owl", **CALIBRATION})
-    prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude")
+    owl_run = prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude", {"allocation": "owl", **CALIBRATION})
+    uniform_run = prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude", CALIBRATION)
+    for run, perplexity in ((owl_run, 80.0), (uniform_run, 100.0)):
+        write_json(run.path / EVAL_FILE, to_json(Evaluation(
+            "tiny-llama", run.recipe, 60.0, 4, ["pytorch"], None,
+            {"wikitext2": BenchmarkResult("done", limit=4, metrics={"word_perplexity": Metric(perplexity)})})))
     text = "\n".join(section_allocation(collect("tiny-llama")))
-    assert "| sparseml/oneshot-magnitude | owl | 60 |" in text
-    assert "| sparseml/oneshot-magnitude | uniform | 60 |" in text
-    owl_levels = read_json(prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude",
-                                       {"allocation": "owl", **CALIBRATION}).path / SPARSITY_FILE)["per_layer_percent"]
+    method = "sparseml/oneshot-magnitude@samples=4,seq_len=32"
+    assert f"| {method} | owl | 60 |" in text
+    assert f"| {method} | uniform | 60 |" in text
+    # the grid: one row per allocation, the better (lower perplexity) in bold, and OWL against uniform
+    assert f"| {method} | uniform | 4 | – | 100 |" in text
+    assert f"| {method} | owl | 4 | – | **80** |" in text
+    assert f"- `{method}` at 60 %: the best non-uniform allocation, owl, gives 80 against uniform's 100 (-20.0 %)." in text
+    owl_levels = read_json(owl_run.path / SPARSITY_FILE)["per_layer_percent"]
     assert "| recipe | level % | 0 | 1 |" in text
     assert f"| {owl_levels['0']:.4g} | {owl_levels['1']:.4g} |" in text
 
