@@ -49,7 +49,9 @@ UNAVAILABLE = {
 # Model types whose INT8 graph the backend's export cannot build: why, in one line.
 UNSUPPORTED_MODEL_TYPES = {
     "sparseml": {"deberta-v2": "SparseML 1.8's INT8 ONNX conversion of its graph fails (a clean-up step removes "
-                               "one node twice: ValueError list.remove)"},
+                               "one node twice: ValueError list.remove)",
+                 "gpt2": "SparseML 1.8's QuantizationModifier quantizes torch Linear layers, and GPT-2's are "
+                         "transformers Conv1D layers: none of its target weights would be quantized"},
 }
 # The parity of the INT8 graph with the fake-quantized PyTorch model (whose biases sit on the graph's int32
 # grid): the same integer arithmetic, so they agree to float rounding (MiniLM 90 %: max abs diff 2.4e-6),
@@ -207,10 +209,13 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
     text = quantization.render_text(0.0, targets)
     qat = _sparseml_quantize(copy.deepcopy(model), text, calibration)  # the original keeps HF's module names
     quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied LM head under its own name too
     missing = sorted(set(quantized) - set(params))
     if missing:
         raise HarnessError(f"quantization recipe {quantization.name} quantized {missing[0]}, which the model does not have")
+    if not set(quantized) & set(targets):
+        raise HarnessError(f"quantization recipe {quantization.name} quantized none of the pruned target weights "
+                           f"(e.g. {targets[0]}): its modifier does not cover their layer type")
     asymmetric = sorted(name for name, (_, _, zero_point) in quantized.items() if bool((zero_point != 0).any()))
     if asymmetric:
         raise HarnessError(f"quantization recipe {quantization.name} gives {asymmetric[0]} a zero point other than 0: "

@@ -20,8 +20,8 @@ name, and its runs live in their own directory beside the defaults' runs.
 A pruning recipe composed with a quantization recipe of the same backend (one whose header says
 `kind: quantization`, e.g. `recipes/sparseml/int8.yaml`) is `<backend>/<pruning>+<quantization>[@<param>=<value>,...]`
 (e.g. `sparseml/oneshot-sparsegpt+int8`): the prune stage quantizes after pruning and recovery
-(`harness.quantize`), the variant's parameters are the pruning recipe's, and the composed recipe
-supports the architectures both support.
+(`harness.quantize`), the variant's parameters are those of either recipe (their names must differ), and
+the composed recipe supports the architectures both support.
 
 A value `${name}` in `calibration` or `recovery` is the parameter `name`. In a recipe with `recovery`,
 the body may also use `${train_steps}` (the optimizer steps of its token budget) and `${ramp_steps}`
@@ -159,7 +159,9 @@ class Recipe:
         changed = {name: value for name, value in sorted(params.items()) if value != self.defaults.get(name)}
         name = self.base_name + (VARIANT_MARK + ",".join(f"{key}={_text(value)}" for key, value in changed.items())
                                  if changed else "")
-        return Recipe(**{**self.__dict__, "name": name, "params": params})
+        quantization = self.quantization and self.quantization.with_params(
+            {key: value for key, value in typed.items() if key in self.quantization.params})
+        return Recipe(**{**self.__dict__, "name": name, "params": params, "quantization": quantization})
 
     def _typed_value(self, name: str, value):
         """`value` as the type of the parameter's default: text is parsed like a `--set` value, an int
@@ -196,9 +198,14 @@ def canonical_name(name: str) -> str:
 
 
 def unquantized(name: str) -> str:
-    """The pruning recipe of a composed recipe's name (`a/b+int8@x=1` -> `a/b@x=1`); other names unchanged."""
-    base, mark, variant = name.partition(VARIANT_MARK)
-    return base.partition(QUANTIZATION_MARK)[0] + mark + variant
+    """The pruning recipe of a composed recipe's name, without the quantization's parameters
+    (`a/b+int8@head=x,y=1` -> `a/b@y=1`); other names unchanged."""
+    base = name.partition(VARIANT_MARK)[0]
+    if QUANTIZATION_MARK not in base:
+        return name
+    pruning = _load_file(base.partition(QUANTIZATION_MARK)[0])
+    return pruning.with_params({key: value for key, value in load_recipe(name).params.items()
+                                if key in pruning.params}).name
 
 
 def _load_composed(name: str) -> Recipe:
@@ -213,7 +220,12 @@ def _load_composed(name: str) -> Recipe:
         raise HarnessError(f"recipe {name}{QUANTIZATION_MARK}{quantization_name}: {quantization.name} is not a "
                            f"{recipe.backend} quantization recipe (`kind: quantization`, backend {recipe.backend})")
     composed = f"{recipe.name}{QUANTIZATION_MARK}{quantization.name.rpartition('/')[2]}"
+    shared = sorted(set(recipe.params) & set(quantization.params))
+    if shared:
+        raise HarnessError(f"recipe {composed}: both {recipe.name} and {quantization.name} have a parameter {shared[0]}")
     return Recipe(**{**recipe.__dict__, "name": composed, "text": recipe.text + quantization.text,
+                     "params": {**recipe.params, **quantization.params},
+                     "defaults": {**recipe.defaults, **quantization.defaults},
                      "architectures": tuple(a for a in recipe.architectures if a in quantization.architectures),
                      "quantization": quantization})
 

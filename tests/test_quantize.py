@@ -1,6 +1,6 @@
-"""INT8 composed with pruning (`<pruning>+int8`) on a tiny BERT: the recipe name, zeros surviving
-quantization, the INT8 graph's quantized ops and its parity with the fake-quantized PyTorch model,
-the INT8 checkpoint, and one-line refusals of combinations that cannot work."""
+"""INT8 composed with pruning (`<pruning>+int8`) on a tiny BERT and a tiny Llama: the recipe name, zeros
+surviving quantization, the INT8 graph's quantized ops and its parity with the fake-quantized PyTorch model,
+the LM head kept FP32 or quantized, the INT8 checkpoint, and one-line refusals of combinations that cannot work."""
 import re
 
 import numpy as np
@@ -13,7 +13,7 @@ from harness import evaluate, export, load, prune, quantize, sizes
 from harness.errors import HarnessError
 from harness.layout import SPARSITY_FILE, Sparsity
 from harness.onnx_graphs import quantized_ops, run_onnx, zero_points
-from harness.recipes import load_recipe
+from harness.recipes import load_recipe, unquantized
 from harness.rundir import RunDir
 from harness.sparsity import saved_tensors
 
@@ -43,13 +43,17 @@ def runs(tmp_path_factory):
 def test_a_composed_recipe_names_its_quantization_and_supports_what_both_support():
     recipe = load_recipe(RECIPE)
     assert recipe.name == RECIPE and recipe.quantization.name == "sparseml/int8"
-    assert recipe.architectures == ("encoder",)
+    assert recipe.architectures == ("encoder", "decoder")
+    variant = load_recipe(f"{RECIPE}@fp32_head=none,mask_type=block4")  # either recipe's parameters
+    assert variant.quantization.params["fp32_head"] == "none" and variant.params["mask_type"] == "block4"
+    assert unquantized(variant.name) == "sparseml/oneshot-magnitude@mask_type=block4"
     with pytest.raises(HarnessError, match="is not a sparseml quantization recipe"):
         load_recipe("sparseml/oneshot-magnitude+oneshot-magnitude")
 
 
 @pytest.mark.parametrize("model, recipe, message", [
-    ("tiny-m2m100", RECIPE, "cannot prune encoder-decoder models like 'tiny-m2m100' (it supports: encoder)"),
+    ("tiny-m2m100", RECIPE, "cannot prune encoder-decoder models like 'tiny-m2m100' (it supports: decoder, encoder)"),
+    ("tiny-gpt2", RECIPE, "cannot quantize gpt2 models: SparseML 1.8's QuantizationModifier quantizes torch Linear"),
     ("tiny-deberta", "inc/oneshot-magnitude+int8", "onnxruntime.quantization, which does not import"),
     ("tiny-deberta", RECIPE, "cannot quantize deberta-v2 models: SparseML 1.8's INT8 ONNX conversion"),
     ("tiny-deberta", "sparseml/int8", "recipe sparseml/int8 quantizes: compose it after a pruning recipe, "
@@ -134,3 +138,21 @@ def test_an_int8_probe_reads_the_int8_graph(runs):
     assert engine.agreement is None  # not a check of the graph against PyTorch's probe: the graph is the model
     # its INT8 activations move its embeddings from PyTorch's FP32 ones, a little (random weights: ~1e-6)
     assert 0.99 < engine.mean_cosine_vs_pytorch < 1 - 1e-7
+
+
+@pytest.mark.parametrize("head, matmuls", [("lm_head", 14), ("none", 15)])
+def test_a_decoder_quantizes_with_its_lm_head_fp32_by_default_or_int8(head, matmuls):
+    fp32 = prune.prune("tiny-llama", 50, "sparseml/oneshot-magnitude")
+    int8 = prune.prune("tiny-llama", 50, f"{RECIPE}@fp32_head={head}")
+    assert int8.stage_record("prune")["pruned_by"] == str(fp32.path)
+    onnx_dir = export.ensure_onnx(int8)
+    assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == matmuls  # 2 layers x 7 targets (+ the head)
+    summary = export.read_json(onnx_dir / "export.json")
+    assert summary["parity"]["ok"] and summary["parity"]["outputs"]["logits"]["checked"] == "mean_abs_diff"
+    assert summary["zeros"]["preserved"]
+    checkpoint = load_file(quantize.int8_checkpoint(int8.path))
+    assert ("lm_head.weight.scale" in checkpoint) == (head == "none")  # the tied head: its own INT8 copy
+    if head == "none":  # the run's perplexity is the INT8 graph's, whichever engines were asked for
+        (result,) = evaluate.evaluate(int8, ["wikitext2"], limit=1, engines=("pytorch",), cores=1).benchmarks.values()
+        assert result.metrics == result.deepsparse.metrics
+        assert result.deepsparse.difference["word_perplexity"] != 0  # PyTorch's FP32 activations differ

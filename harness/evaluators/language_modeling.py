@@ -20,6 +20,7 @@ import os
 import time
 from typing import Iterator
 
+from harness import quantize
 from harness.evaluators import EvalJob, metric
 from harness.layout import EngineCheck, Metric, Outcome
 from harness.paths import EVALS_DIR
@@ -105,7 +106,8 @@ def run_task(lm, job: EvalJob) -> tuple[dict[str, Metric], int, float]:
 
 
 def evaluate(job: EvalJob) -> Outcome:
-    """The benchmark's lm-eval task on PyTorch and, if asked, on the exported ONNX on DeepSparse."""
+    """The benchmark's lm-eval task on PyTorch and, if asked, on the exported ONNX on DeepSparse; for an INT8
+    run, the exported graph's metrics are the run's (PyTorch's are the difference's reference)."""
     from lm_eval.models.huggingface import HFLM
 
     from harness.evaluators.deepsparse_lm import OnnxDecoderLM
@@ -117,11 +119,14 @@ def evaluate(job: EvalJob) -> Outcome:
                       max_length=context_length(loaded.model.config, job.config.get("max_length")))
     metrics, examples, _ = run_task(pytorch_lm, job)
     outcome = Outcome(examples, metrics, max_length=pytorch_lm.max_length)
-    if "deepsparse" in job.engines:
+    int8 = quantize.is_quantized(loaded.path)
+    if "deepsparse" in job.engines or int8:
         engine_lm = OnnxDecoderLM(job.engine("model.onnx"), tokenizer=loaded.tokenizer,
                                   max_length=pytorch_lm.max_length)
         engine_metrics, _, engine_seconds = run_task(engine_lm, job)
         outcome.deepsparse = EngineCheck(
             engine_lm.runtime, round(engine_seconds, 2), metrics=engine_metrics,
             difference={name: engine_metrics[name].value - metrics[name].value for name in metrics})
+        if int8:  # PyTorch computes the INT8 weights with FP32 activations: the INT8 graph is the model
+            outcome.metrics = engine_metrics
     return outcome
