@@ -49,16 +49,16 @@ UNAVAILABLE = {
 # Model types whose INT8 graph the backend's export cannot build: why, in one line.
 UNSUPPORTED_MODEL_TYPES = {
     "sparseml": {"deberta-v2": "SparseML 1.8's INT8 ONNX conversion of its graph fails (a clean-up step removes "
-                               "one node twice: ValueError list.remove)",
-                 "gpt2": "SparseML 1.8's QuantizationModifier quantizes torch Linear layers, and GPT-2's are "
-                         "transformers Conv1D layers: none of its target weights would be quantized"},
+                               "one node twice: ValueError list.remove)"},
 }
 # The parity of the INT8 graph with the fake-quantized PyTorch model (whose biases sit on the graph's int32
 # grid): the same integer arithmetic, so they agree to float rounding (MiniLM 90 %: max abs diff 2.4e-6),
 # except where float rounding moves an activation across an INT8 rounding boundary: that element is one
-# step off and the step spreads through the next layers. Such rare flips fail a max-abs check; the mean
-# stays far below this bound, which a real mismatch exceeds (unquantized biases gave 8 % on MiniLM).
-INT8_MEAN_RTOL = 1e-3  # mean |ONNX - PyTorch| <= this x mean |PyTorch|
+# step off and the step spreads through the next layers; in a decoder, to every later position: in a tiny
+# random GPT-2 the logits match to 1e-7 up to a sequence's first flip and differ by 0.5 % (1.7 % with the
+# LM head INT8 too) of their mean after it. Such flips fail a max-abs check; the mean stays below this
+# bound, which a real mismatch exceeds (unquantized biases gave 8 % on MiniLM).
+INT8_MEAN_RTOL = 3e-2  # mean |ONNX - PyTorch| <= this x mean |PyTorch|
 
 
 def check_available(recipe: Recipe, checkpoint: Path) -> None:
@@ -135,12 +135,34 @@ def _forward(batch: dict, module) -> None:
     module(**{name: value for name, value in batch.items() if name != "labels"})
 
 
+def _conv1d_weights(model) -> set[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def _as_linear(model):
+    """`model` with each transformers `Conv1D` (GPT-2's layers: y = x W + b, W stored [in, out]) replaced by
+    the equal `torch.nn.Linear` (W stored [out, in]), the layer type SparseML's modifier quantizes."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = torch.nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
 def _sparseml_quantize(model, text: str, calibration: list[dict]):
     """`model` with SparseML's QAT modules, observers calibrated on `calibration` and then frozen."""
     from harness.backends.sparseml import _loggers, _quiet_sparseml
     from sparseml.pytorch import utils as logger_module
 
-    model.eval()
+    model = _as_linear(model).eval()
     with _quiet_sparseml(), _sparseml_qconfig():
         _manager(text).apply(model, loggers=_loggers(logger_module), calibration_dataloader=calibration,
                              calibration_function=_forward)
@@ -153,7 +175,7 @@ def _sparseml_restore(model, text: str):
     from harness.backends.sparseml import _loggers, _quiet_sparseml
     from sparseml.pytorch import utils as logger_module
 
-    model.eval()
+    model = _as_linear(model).eval()
     with _quiet_sparseml(), _sparseml_qconfig():
         _manager(text).apply_structure(model, loggers=_loggers(logger_module))
     model.apply(torch.ao.quantization.disable_observer)
@@ -220,6 +242,9 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
     if asymmetric:
         raise HarnessError(f"quantization recipe {quantization.name} gives {asymmetric[0]} a zero point other than 0: "
                            f"quantize weights symmetrically (weights: {{symmetric: true}}) so pruned zeros stay zero")
+    transposed = _conv1d_weights(model)  # quantized as Linear [out, in], stored [in, out]
+    quantized = {name: (values.t(), scale.t(), zero_point) if name in transposed else (values, scale, zero_point)
+                 for name, (values, scale, zero_point) in quantized.items()}
     zeros_before = zeros_after = lost = 0
     with torch.no_grad():
         for name, (values, scale, _) in quantized.items():
