@@ -350,7 +350,7 @@ def export_onnx(qat_model, spec, sample: dict, output: Path, opset: int) -> None
         sparseml_export(_MainOutput(qat_model, input_names, output_name).eval(), batch, str(path), opset=opset,
                         convert_qat=True, dynamo=False, output_names=[output_name],
                         dynamic_axes={name: dict(axes[name]) for name in [*input_names, output_name]})
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(path), load_external_data=False)  # a large graph keeps its weights beside it
     for value in [*graph.graph.input, *graph.graph.output]:  # SparseML names every axis 0 "batch"
         for index, dim in enumerate(value.type.tensor_type.shape.dim):
             if dim.dim_param and index in axes.get(value.name, {}):
