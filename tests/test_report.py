@@ -230,3 +230,21 @@ def test_long_legend_labels_wrap_after_separators_and_keep_their_text():
     assert lines[0] == "sparseml/sparsegpt-recover@"
     assert re.sub(r"\s", "", "".join(lines)) == re.sub(r"\s", "", name)
     assert wrapped("DeepSparse") == "DeepSparse"
+
+
+def test_quantizing_the_lm_head_is_compared_with_the_same_recipe_keeping_it_fp32():
+    from types import SimpleNamespace
+
+    from harness.layout import Speedup
+    from harness.report.challenges import quantized_head
+
+    def run(recipe, level, headline):
+        speedups = {"b1_s128": Speedup({}, headline, {})}
+        return SimpleNamespace(recipe=recipe, level=level, bench=SimpleNamespace(speedups=speedups))
+
+    runs = [run("a/b+int8@mask_type=block4", 50.0, 1.5), run("a/b+int8@fp32_head=none,mask_type=block4", 50.0, 1.8),
+            run("a/b+int8@fp32_head=none", 90.0, 2.0)]  # no FP32-head run at 90 %: no sentence
+    (line,) = quantized_head(runs, "b1_s128")
+    assert line == ("- b1_s128, `a/b+int8@fp32_head=none,mask_type=block4` at 50 %: with the LM head in INT8 too, "
+                    "DeepSparse sparse vs ONNX Runtime dense is 1.8× against 1.5× with the head FP32 "
+                    "(`a/b+int8@mask_type=block4`).")

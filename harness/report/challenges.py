@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.layout import BENCH_FILE, EVAL_FILE
+from harness.recipes import VARIANT_MARK
 from harness.report.accuracy import accuracy_points, benchmark_directions, dense_value, higher_is_better
 from harness.report.format import number, percent
 from harness.report.runs import ModelRuns, Run
@@ -18,6 +19,7 @@ from harness.rundir import level_name
 COLLAPSE_PERCENT = 10.0  # accuracy: a metric worse than dense by more than this (relative) has collapsed
 EFFICIENCY_FLOOR = 0.5  # speed: below this share of the FLOP-ideal, speedup no longer tracks sparsity
 DENSE_KERNEL_ENGINES = ("onnxruntime", "pytorch")  # engines that multiply zeros like any value
+QUANTIZED_HEAD = "fp32_head=none"  # the INT8 recipes' variant that quantizes the LM head too (recipes/*/int8.yaml)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,27 @@ def speed_challenges(models: ModelRuns, floor: float) -> list[str]:
             ceiling = amdahl(max(pruned, key=lambda r: r.level), scenario)
             if ceiling:
                 lines.append(f"- {scenario}, `{recipe}`, Amdahl's law: {ceiling}")
+        lines += quantized_head(runs, scenario)
+    return lines
+
+
+def quantized_head(runs: list[Run], scenario: str) -> list[str]:
+    """What quantizing the LM head as well (`fp32_head=none`) changes in the headline speedup, against the same
+    recipe with the head FP32 at the same level: how much of the cap the dense head puts on the speedup it lifts."""
+    by_key = {(run.recipe, run.level): run for run in runs}
+    lines = []
+    for run in runs:
+        base, _, variant = run.recipe.partition(VARIANT_MARK)
+        params = [pair for pair in variant.split(",") if pair]
+        if QUANTIZED_HEAD not in params:
+            continue
+        rest = [pair for pair in params if pair != QUANTIZED_HEAD]
+        other = by_key.get((base + (VARIANT_MARK + ",".join(rest) if rest else ""), run.level))
+        if other is None or scenario not in run.bench.speedups or scenario not in other.bench.speedups:
+            continue
+        quantized, kept = (speedup(r.bench.speedups[scenario], "headline") for r in (run, other))
+        lines.append(f"- {scenario}, `{run.recipe}` at {level_name(run.level)} %: with the LM head in INT8 too, "
+                     f"{HEADLINE} is {number(quantized)}× against {number(kept)}× with the head FP32 (`{other.recipe}`).")
     return lines
 
 
