@@ -51,8 +51,8 @@ def grid(models: ModelRuns, runs: list[Run]) -> list[str]:
                 dense.setdefault(limit, value)
             else:
                 cells.setdefault((*split_recipe(run.recipe), limit), {})[run.level] = value
-    if not cells:
-        return []
+    if all(name == allocation.DEFAULT for _, name, _ in cells):
+        return []  # nothing to compare: the accuracy section has these numbers
     better = higher_is_better(benchmark_directions(), *metric.split(" ", 1))
     pick = max if better else min
 
@@ -105,7 +105,9 @@ def section_allocation(models: ModelRuns) -> list[str]:
     lines = ["Each method at each level with the per-layer levels chosen by its `allocation` (`harness.allocation`: "
              "uniform, OWL's outlier-weighted levels, or levels from `make sensitivity`), against the model's "
              f"first metric. Per-layer levels are measured from the saved weights (`{SPARSITY_FILE}`); compare "
-             "metrics only between rows with the same examples limit.", "", *grid(models, runs), "Each run:", ""]
+             "metrics only between rows with the same examples limit.", ""]
+    compared = grid(models, runs)
+    lines += [*compared, "Each run:", ""] if compared else []
     lines += table(["method", "allocation", "level %", "achieved %", "per-layer range %", "metric", "value",
                     "examples limit", "prune s", "run directory"], rows)
     uneven = [run for run in runs if _allocation(run) not in (None, "uniform") and run.sparsity]
