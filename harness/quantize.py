@@ -54,11 +54,13 @@ UNSUPPORTED_MODEL_TYPES = {
 # The parity of the INT8 graph with the fake-quantized PyTorch model (whose biases sit on the graph's int32
 # grid): the same integer arithmetic, so they agree to float rounding (MiniLM 90 %: max abs diff 2.4e-6),
 # except where float rounding moves an activation across an INT8 rounding boundary: that element is one
-# step off and the step spreads through the next layers; in a decoder, to every later position: in a tiny
-# random GPT-2 the logits match to 1e-7 up to a sequence's first flip and differ by 0.5 % (1.7 % with the
-# LM head INT8 too) of their mean after it. Such flips fail a max-abs check; the mean stays below this
-# bound, which a real mismatch exceeds (unquantized biases gave 8 % on MiniLM).
-INT8_MEAN_RTOL = 3e-2  # mean |ONNX - PyTorch| <= this x mean |PyTorch|
+# step off and the step spreads through the next layers; in a decoder, to every later position. A tiny
+# random GPT-2's logits match to 1e-7 up to a sequence's first flip and by 1.7 % of their mean in all;
+# SmolLM2 50 %'s match exactly up to position 7 of 18 and by 3.2 % in all, against 28 % between the
+# fake-quantized model and the same weights with FP32 activations (per-tensor INT8 steps are coarse next
+# to Llama's activation outliers, so one flip moves much). The bound is the larger of the two below.
+INT8_MEAN_RTOL = 3e-2  # mean |ONNX - fake-quantized| <= this x mean |fake-quantized|, or
+INT8_FLIP_SHARE = 0.25  # <= this x mean |fake-quantized - FP32 activations| (the quantization's own effect)
 
 
 def check_available(recipe: Recipe, checkpoint: Path) -> None:

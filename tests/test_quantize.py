@@ -27,6 +27,7 @@ RECIPE = "sparseml/oneshot-magnitude+int8"
 # The INT8 graph on ONNX Runtime vs the fake-quantized PyTorch model: the same integer arithmetic, so
 # they agree to float rounding (measured 7e-7 here); FP32 activations differ by more than 10x that bound.
 INT8_PARITY_ATOL = 1e-4
+INT8_ENGINE_RTOL = 1e-3  # DeepSparse vs ONNX Runtime on the INT8 graph: mean abs diff / mean |output| (rounding flips)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_int8_graph_compiles_on_deepsparse(runs):
         assert engine.fraction_of_supported_ops == 1.0
         (hidden,) = engine.run([values[name] for name in ("input_ids", "attention_mask", "token_type_ids")])
     reference = run_onnx(onnx_dir, "encoder", values)["last_hidden_state"]
-    assert np.abs(hidden - reference).mean() < quantize.INT8_MEAN_RTOL * np.abs(reference).mean()
+    assert np.abs(hidden - reference).mean() < INT8_ENGINE_RTOL * np.abs(reference).mean()
 
 
 def test_sizes_report_the_int8_checkpoint_beside_the_fp32_one(runs):
