@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import re
 
+import torch
 import yaml
 
 from harness import allocation, sparsegpt, wanda
@@ -115,6 +116,9 @@ def _run_manager(job: PruneJob) -> str:
         manager.apply(job.model, loggers=_loggers(logger_module))
     else:
         for level, targets in _by_level(_allocated(job)).items():  # one manager per level the allocation chose
+            if level in (0.0, 1.0):  # SparseML's modifiers take levels strictly between: keep, or zero, them all
+                _zero(job.model, targets if level else [])
+                continue
             in_groups(dataclasses.replace(job, sparsity=level, targets=targets),
                       lambda group: _manager(job.recipe, group.sparsity, group.targets)
                       .apply(job.model, loggers=_loggers(logger_module)))
@@ -127,6 +131,13 @@ def _allocated(job: PruneJob) -> dict[str, float]:
     return allocation.plan(job, lambda: {
         target: wanda.scores(job.model, target, norms)
         for target, norms in wanda.dense_input_norms(job.model, job.targets, job.calibration).items()})
+
+
+def _zero(model: torch.nn.Module, targets: list[str]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in targets:
+            params[name].zero_()
 
 
 def _by_level(levels: dict[str, float]) -> dict[float, list[str]]:
