@@ -21,6 +21,7 @@ STYLE = {
     "legend.fontsize": 7,
     "legend.framealpha": 0.8,
 }
+LEGEND_MARGIN_IN = 0.8  # inches of title and axis labels beside a legend as tall as the figure
 
 
 @contextlib.contextmanager
@@ -30,7 +31,18 @@ def figure(path: Path, panels: int = 1, panel_width: float = 6.0, height: float 
         fig, axes = plt.subplots(1, panels, figsize=(panel_width * panels, height), squeeze=False)
         try:
             yield fig, list(axes[0])
+            _fit_legends(fig)
             fig.tight_layout()
             fig.savefig(path, format="png")
         finally:
             plt.close(fig)
+
+
+def _fit_legends(fig) -> None:
+    """Make the figure as tall as its tallest legend (legends sit beside their axes; many runs make them long)."""
+    fig.canvas.draw()  # a legend knows its size once drawn
+    tallest = max((legend.get_window_extent().height for ax in fig.axes if (legend := ax.get_legend())), default=0.0)
+    width, height = fig.get_size_inches()
+    needed = tallest / fig.dpi + LEGEND_MARGIN_IN
+    if needed > height:
+        fig.set_size_inches(width, needed)
