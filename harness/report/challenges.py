@@ -134,6 +134,8 @@ def quantized_head(runs: list[Run], scenario: str) -> list[str]:
         if other is None or scenario not in run.bench.speedups or scenario not in other.bench.speedups:
             continue
         quantized, kept = (speedup(r.bench.speedups[scenario], "headline") for r in (run, other))
+        if quantized is None or kept is None:  # DeepSparse did not run one of them
+            continue
         lines.append(f"- {scenario}, `{run.recipe}` at {level_name(run.level)} %: with the LM head in INT8 too, "
                      f"{HEADLINE} is {number(quantized)}× against {number(kept)}× with the head FP32 (`{other.recipe}`).")
     return lines
