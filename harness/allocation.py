@@ -135,3 +135,26 @@ def plan(job, scores: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]
                       (float(params.get("min_level", 0.0)) / 100, float(params.get("max_level", 100.0)) / 100),
                       params, scores)
     return ALLOCATIONS[name](request)
+
+
+def planned(job) -> dict[str, float]:
+    """`plan` with OWL's scores from one dense pass over the job's calibration batches (Wanda's |W| x ||X||)."""
+    from harness import wanda
+
+    return plan(job, lambda: {target: wanda.scores(job.model, target, norms)
+                              for target, norms in wanda.dense_input_norms(job.model, job.targets,
+                                                                           job.calibration).items()})
+
+
+def by_level(job) -> list[tuple[float, list[str]]]:
+    """The job's targets grouped by their planned level, for backends that prune one level at a time. Targets
+    planned at 0 % are left out and those at 100 % zeroed here: pruning libraries refuse both levels."""
+    groups: dict[float, list[str]] = {}
+    for target, level in planned(job).items():
+        groups.setdefault(level, []).append(target)
+    params = dict(job.model.named_parameters())
+    with torch.no_grad():
+        for target in groups.pop(1.0, []):
+            params[target].zero_()
+    groups.pop(0.0, None)
+    return sorted(groups.items())

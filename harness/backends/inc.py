@@ -17,11 +17,13 @@ holding the transposed weight, and put back with the pruned weight afterwards.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from contextlib import contextmanager
 
 import torch
 
+from harness import allocation
 from harness.backends import PruneJob, Schedule, in_groups, quiet
 from harness.errors import HarnessError
 from harness.recipes import Recipe
@@ -168,8 +170,9 @@ def prune(job: PruneJob) -> None:
     (layer-wise one-shot recipes in groups of layers, `in_groups`)."""
     with _quiet_inc(), _linear_views(job.model, job.target_modules):
         if _layer_wise_one_shot(_pruning_config(job.recipe, job.sparsity, job.targets, job.target_modules)):
-            # one group at a time: INC's model wrapper sets and pops os.environ keys, which races in threads
-            in_groups(job, _run_schedule, workers=1)
+            for level, targets in allocation.by_level(job):  # one pass per level the recipe's allocation chose
+                # one group at a time: INC's model wrapper sets and pops os.environ keys, which races in threads
+                in_groups(dataclasses.replace(job, sparsity=level, targets=targets), _run_schedule, workers=1)
         else:
             ramp = _run_schedule(job)
             job.progress("inc: zero fraction of the targets at each pruning step: "

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import re
 
-import torch
 import yaml
 
 from harness import allocation, sparsegpt, wanda
@@ -115,36 +114,11 @@ def _run_manager(job: PruneJob) -> str:
     elif any(getattr(mod, "global_sparsity", False) for mod in manager.iter_modifiers()):
         manager.apply(job.model, loggers=_loggers(logger_module))
     else:
-        for level, targets in _by_level(_allocated(job)).items():  # one manager per level the allocation chose
-            if level in (0.0, 1.0):  # SparseML's modifiers take levels strictly between: keep, or zero, them all
-                _zero(job.model, targets if level else [])
-                continue
+        for level, targets in allocation.by_level(job):  # one manager per level the allocation chose
             in_groups(dataclasses.replace(job, sparsity=level, targets=targets),
                       lambda group: _manager(job.recipe, group.sparsity, group.targets)
                       .apply(job.model, loggers=_loggers(logger_module)))
     return "a sparseml.pytorch manager"
-
-
-def _allocated(job: PruneJob) -> dict[str, float]:
-    """Each target's fraction under the recipe's `allocation` (`harness.allocation`); OWL's scores come from
-    one dense pass over the calibration batches."""
-    return allocation.plan(job, lambda: {
-        target: wanda.scores(job.model, target, norms)
-        for target, norms in wanda.dense_input_norms(job.model, job.targets, job.calibration).items()})
-
-
-def _zero(model: torch.nn.Module, targets: list[str]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in targets:
-            params[name].zero_()
-
-
-def _by_level(levels: dict[str, float]) -> dict[float, list[str]]:
-    groups: dict[float, list[str]] = {}
-    for target, level in levels.items():
-        groups.setdefault(level, []).append(target)
-    return groups
 
 
 def _solver_arguments(rendered: dict) -> tuple[str, dict] | None:
@@ -194,7 +168,7 @@ def _run_session(job: PruneJob) -> str:
         name, arguments = solver
         _check_mask_structure(job, str(arguments.get("mask_structure", "0:0")))
         run, how = SOLVERS[name]
-        run(job, _allocated(job), arguments)
+        run(job, allocation.planned(job), arguments)
         return how
     if job.recipe.params.get("allocation", "uniform") != "uniform":
         raise HarnessError(f"recipe {job.recipe.name}: a non-uniform allocation needs the harness's solver "
