@@ -157,8 +157,7 @@ class Recipe:
         typed = {name: self._typed_value(name, value) for name, value in overrides.items()}
         params = {**self.params, **typed}
         changed = {name: value for name, value in sorted(params.items()) if value != self.defaults.get(name)}
-        name = self.base_name + (VARIANT_MARK + ",".join(f"{key}={_text(value)}" for key, value in changed.items())
-                                 if changed else "")
+        name = variant_name(self.base_name, {key: _text(value) for key, value in changed.items()})
         quantization = self.quantization and self.quantization.with_params(
             {key: value for key, value in typed.items() if key in self.quantization.params})
         return Recipe(**{**self.__dict__, "name": name, "params": params, "quantization": quantization})
@@ -190,6 +189,17 @@ def load_recipe(name: str) -> Recipe:
     if not variant:
         raise HarnessError(f"recipe variant {name}{VARIANT_MARK} names no parameters (e.g. {name}{VARIANT_MARK}steps=200)")
     return recipe.with_params(parse_overrides(variant.split(","), what=f"recipe variant {name}{VARIANT_MARK}{variant}"))
+
+
+def variant_params(name: str) -> tuple[str, dict[str, str]]:
+    """A recipe name's base and its variant's parameters as written: `a/b@x=1,y=z` -> (`a/b`, {x: 1, y: z})."""
+    base, _, variant = name.partition(VARIANT_MARK)
+    return base, {key: value for key, _, value in (pair.partition("=") for pair in variant.split(",") if pair)}
+
+
+def variant_name(base: str, params: dict[str, str]) -> str:
+    """The name of `base` with `params` (as written, in their order): the inverse of `variant_params`."""
+    return base + (VARIANT_MARK + ",".join(f"{key}={value}" for key, value in params.items()) if params else "")
 
 
 def canonical_name(name: str) -> str:

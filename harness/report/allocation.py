@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from harness import allocation
 from harness.layout import SPARSITY_FILE
-from harness.recipes import VARIANT_MARK
+from harness.recipes import VARIANT_MARK, variant_name, variant_params
 from harness.report.accuracy import benchmark_directions, higher_is_better
 from harness.report.format import number, run_link, table
 from harness.report.runs import ModelRuns, Run
@@ -28,13 +28,12 @@ def _first_metric(models: ModelRuns, run: Run) -> tuple[str, float, str] | None:
 def split_recipe(recipe: str) -> tuple[str, str]:
     """(the method: the recipe with its parameters other than the allocation's, the allocation with its
     parameters): `a/b@allocation=owl,owl_lambda=0.02,samples=32` -> (`a/b@samples=32`, `owl (owl_lambda=0.02)`)."""
-    base, _, variant = recipe.partition(VARIANT_MARK)
-    pairs = [pair.partition("=") for pair in variant.split(",") if pair]
-    method = [f"{key}={value}" for key, _, value in pairs if key not in allocation.PARAMS]
-    chosen = {key: value for key, _, value in pairs if key in allocation.PARAMS}
+    base, params = variant_params(recipe)
+    method = {key: value for key, value in params.items() if key not in allocation.PARAMS}
+    chosen = {key: value for key, value in params.items() if key in allocation.PARAMS}
     name = chosen.pop("allocation", allocation.DEFAULT)
     details = f" ({', '.join(f'{key}={value}' for key, value in chosen.items())})" if chosen else ""
-    return base + (VARIANT_MARK + ",".join(method) if method else ""), name + details
+    return variant_name(base, method), name + details
 
 
 def grid(models: ModelRuns, runs: list[Run]) -> list[str]:

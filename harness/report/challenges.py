@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.layout import BENCH_FILE, EVAL_FILE
-from harness.recipes import VARIANT_MARK
+from harness.recipes import variant_name, variant_params
 from harness.report.accuracy import accuracy_points, benchmark_directions, dense_value, higher_is_better
 from harness.report.format import number, percent
 from harness.report.runs import ModelRuns, Run
@@ -19,7 +19,7 @@ from harness.rundir import level_name
 COLLAPSE_PERCENT = 10.0  # accuracy: a metric worse than dense by more than this (relative) has collapsed
 EFFICIENCY_FLOOR = 0.5  # speed: below this share of the FLOP-ideal, speedup no longer tracks sparsity
 DENSE_KERNEL_ENGINES = ("onnxruntime", "pytorch")  # engines that multiply zeros like any value
-QUANTIZED_HEAD = "fp32_head=none"  # the INT8 recipes' variant that quantizes the LM head too (recipes/*/int8.yaml)
+QUANTIZED_HEAD = ("fp32_head", "none")  # the INT8 recipes' variant that quantizes the LM head too (recipes/*/int8.yaml)
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,11 @@ def quantized_head(runs: list[Run], scenario: str) -> list[str]:
     by_key = {(run.recipe, run.level): run for run in runs}
     lines = []
     for run in runs:
-        base, _, variant = run.recipe.partition(VARIANT_MARK)
-        params = [pair for pair in variant.split(",") if pair]
-        if QUANTIZED_HEAD not in params:
+        base, params = variant_params(run.recipe)
+        key, value = QUANTIZED_HEAD
+        if params.pop(key, None) != value:
             continue
-        rest = [pair for pair in params if pair != QUANTIZED_HEAD]
-        other = by_key.get((base + (VARIANT_MARK + ",".join(rest) if rest else ""), run.level))
+        other = by_key.get((variant_name(base, params), run.level))
         if other is None or scenario not in run.bench.speedups or scenario not in other.bench.speedups:
             continue
         quantized, kept = (speedup(r.bench.speedups[scenario], "headline") for r in (run, other))

@@ -2,9 +2,9 @@
 and accuracy against training tokens (runs that differ only in their budget, `@tokens=...`, on one line)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from harness.recipes import variant_name, variant_params
 from harness.report.accuracy import accuracy_points, dense_value
 from harness.report.format import number, run_link, table
 from harness.report.plotting import DENSE_LINE, PlotSet, recipe_styles, wrapped
@@ -29,8 +29,9 @@ def plot_curves(models: ModelRuns, runs: list[Run], path: Path) -> None:
 
 def budget_family(recipe: str) -> str:
     """The recipe's name without its `tokens` budget: runs of one family differ only in how long they trained."""
-    family = re.sub(r"(?<=[@,])tokens=[^,]*,?", "", recipe).rstrip(",")
-    return family[:-1] if family.endswith("@") else family
+    base, params = variant_params(recipe)
+    params.pop("tokens", None)
+    return variant_name(base, params)
 
 
 def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
