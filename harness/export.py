@@ -184,14 +184,11 @@ def sample_batch(loaded: load.LoadedModel) -> dict[str, np.ndarray]:
     return {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
 
 
-def _torch_outputs(model, values: dict[str, np.ndarray], onnx_dir: Path, architecture: str,
-                   names: list[str]) -> dict[str, np.ndarray]:
-    """The model's outputs `names` (as the graph names them) on `values`, with the inputs the graph takes."""
+def _torch_outputs(model, values: dict[str, np.ndarray], architecture: str, names: list[str]) -> dict[str, np.ndarray]:
+    """The model's outputs `names` (as the graph names them) on `values`, the graph's inputs (position_ids too)."""
     import torch
 
     kwargs = {k: torch.from_numpy(v) for k, v in values.items()}
-    if "position_ids" in graph_io(onnx_dir / graph_files(architecture)[0])[0]:
-        kwargs["position_ids"] = torch.from_numpy(onnx_feeds(["position_ids"], values)["position_ids"])
     with torch.no_grad():
         output = model(**kwargs)
     return {name: (output.encoder_last_hidden_state if name == "last_hidden_state" and architecture == "encoder-decoder"
@@ -211,9 +208,10 @@ def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Cal
     if architecture == "encoder-decoder":
         values["decoder_input_ids"] = decoder_start(loaded.model.config, len(SAMPLE_TEXTS))
     onnx_out = run_onnx(onnx_dir, architecture, values)
-    reference = _torch_outputs(loaded.model, values, onnx_dir, architecture, list(onnx_out))
-    effect = _torch_outputs(fp32_activations(), values, onnx_dir, architecture, list(onnx_out)) if fp32_activations \
-        else None
+    if "position_ids" in graph_io(onnx_dir / graph_files(architecture)[0])[0]:
+        values["position_ids"] = onnx_feeds(["position_ids"], values)["position_ids"]
+    reference = _torch_outputs(loaded.model, values, architecture, list(onnx_out))
+    effect = _torch_outputs(fp32_activations(), values, architecture, list(onnx_out)) if fp32_activations else None
     diffs, ok = {}, True
     for name, onnx_value in onnx_out.items():
         error = np.abs(reference[name] - onnx_value)

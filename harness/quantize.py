@@ -137,25 +137,23 @@ def _forward(batch: dict, module) -> None:
     module(**{name: value for name, value in batch.items() if name != "labels"})
 
 
-def _conv1d_weights(model) -> set[str]:
+def _conv1d_modules(model) -> dict[str, torch.nn.Module]:
+    """The model's transformers `Conv1D` layers (GPT-2's: y = x W + b, W stored [in, out]) by name."""
     from transformers.pytorch_utils import Conv1D
 
-    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
 def _as_linear(model):
-    """`model` with each transformers `Conv1D` (GPT-2's layers: y = x W + b, W stored [in, out]) replaced by
-    the equal `torch.nn.Linear` (W stored [out, in]), the layer type SparseML's modifier quantizes."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Conv1D):
-            linear = torch.nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.t())
-                linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, linear)
+    """`model` with each `Conv1D` replaced by the equal `torch.nn.Linear` (W stored [out, in]), the layer type
+    SparseML's modifier quantizes."""
+    for name, module in _conv1d_modules(model).items():
+        linear = torch.nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.t())
+            linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
     return model
 
 
@@ -244,7 +242,7 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
     if asymmetric:
         raise HarnessError(f"quantization recipe {quantization.name} gives {asymmetric[0]} a zero point other than 0: "
                            f"quantize weights symmetrically (weights: {{symmetric: true}}) so pruned zeros stay zero")
-    transposed = _conv1d_weights(model)  # quantized as Linear [out, in], stored [in, out]
+    transposed = {f"{name}.weight" for name in _conv1d_modules(model)}  # quantized as Linear [out, in], stored [in, out]
     quantized = {name: (values.t(), scale.t(), zero_point) if name in transposed else (values, scale, zero_point)
                  for name, (values, scale, zero_point) in quantized.items()}
     zeros_before = zeros_after = lost = 0
