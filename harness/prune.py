@@ -136,6 +136,8 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
         with stage_run(tmp / MANIFEST, "prune", inputs) as record:
             loaded = load.load_model(spec)
             targets = sparsity.prunable_names(loaded.model, recipe.targets)
+            if recipe.quantization:
+                quantize.check_layers(recipe, loaded.model)
             job = backends.PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, recipe=recipe,
                                     sparsity=level / 100, targets=targets)
             resume = recovery.Resume(run.resume_dir, plan, targets, inputs) if plan else None

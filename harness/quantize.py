@@ -61,6 +61,14 @@ UNSUPPORTED_MODEL_TYPES = {
 # to Llama's activation outliers, so one flip moves much). The bound is the larger of the two below.
 INT8_MEAN_RTOL = 3e-2  # mean |ONNX - fake-quantized| <= this x mean |fake-quantized|, or
 INT8_FLIP_SHARE = 0.25  # <= this x mean |fake-quantized - FP32 activations| (the quantization's own effect)
+# SmoothQuant (the quantization recipe's `smoothing` strength > 0) per model type: SparseML's SmoothQuantModifier
+# mappings, [the layers sharing an input, the norm whose output is that input]; it divides the norm's output
+# per channel by a scale and multiplies the layers' input columns by it (the same function, flatter
+# activations; pruned zeros stay zero).
+SMOOTHING_MAPPINGS = {
+    "llama": [[["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
+              [["re:.*gate_proj", "re:.*up_proj"], "re:.*post_attention_layernorm"]],
+}
 
 
 def check_available(recipe: Recipe, checkpoint: Path) -> None:
@@ -78,6 +86,9 @@ def check_available(recipe: Recipe, checkpoint: Path) -> None:
     reason = UNSUPPORTED_MODEL_TYPES.get(recipe.backend, {}).get(model_type)
     if reason:
         raise HarnessError(f"recipe {recipe.name} cannot quantize {model_type} models: {reason}")
+    if recipe.quantization.params.get("smoothing", 0.0) and model_type not in SMOOTHING_MAPPINGS:
+        raise HarnessError(f"recipe {recipe.name}: smoothing has no mappings for {model_type} models "
+                           f"(known: {', '.join(SMOOTHING_MAPPINGS)}); use smoothing=0")
 
 
 def quantization_dir(run_path: Path) -> Path:
@@ -124,13 +135,54 @@ class _Namespace:
         return self._replaced[name] if name in self._replaced else getattr(self._module, name)
 
 
-def _manager(text: str):
+def _manager(text: str, model):
+    """SparseML's manager for `text`, each `ignore` list with the layers named by their last part expanded."""
     from sparseml.pytorch.optim import ScheduledModifierManager
 
     try:
-        return ScheduledModifierManager.from_yaml(text)
+        manager = ScheduledModifierManager.from_yaml(text)
     except (ValueError, TypeError) as exc:
         raise HarnessError(f"SparseML cannot load the quantization recipe: {exc}") from None
+    for modifier in manager.modifiers:
+        if getattr(modifier, "ignore", None):
+            modifier.ignore = _every_block(modifier.ignore, model)
+    return manager
+
+
+def _every_block(entries: list[str], model) -> list[str]:
+    """SparseML matches an `ignore` entry as a module name prefix or a type name; here an entry that is
+    neither but ends module names (`down_proj`, `mlp.c_proj`) stands for those modules, in every block."""
+    return [name for entry in entries for name in _matching(entry, model) or [entry]]
+
+
+def _matching(entry: str, model) -> list[str]:
+    """`entry` itself if SparseML matches it to a module (by name prefix or type name), else the names of
+    the modules it ends; [] if none."""
+    names = [name for name, _ in model.named_modules()]
+    if any(name.startswith(entry) for name in names) or any(type(module).__name__ == entry for module in model.modules()):
+        return [entry]
+    return [name for name in names if name.endswith(f".{entry}")]
+
+
+def _smooth(model, strength: float, calibration: list[dict]) -> int:
+    """SparseML's SmoothQuant on `model` in place at `strength`, calibrated on `calibration`; returns the
+    number of norms smoothed."""
+    from sparseml import core as logger_module
+    from sparseml.core.framework import Framework
+    from sparseml.core.recipe import Recipe as SessionRecipe
+    from sparseml.core.session import create_session
+
+    from harness.backends.sparseml import _loggers, _quiet_sparseml
+
+    mappings = SMOOTHING_MAPPINGS[model.config.model_type]
+    stage = {"smoothing_modifiers": {"SmoothQuantModifier": {"smoothing_strength": strength, "mappings": mappings}}}
+    norms = {name: module.weight.detach().clone() for name, module in model.named_modules()
+             if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1}
+    with _quiet_sparseml(), create_session() as session:
+        session.initialize(framework=Framework.pytorch, recipe=SessionRecipe.model_validate({"smoothing_stage": stage}),
+                           model=model, calib_data=calibration, start=-1, loggers=_loggers(logger_module))
+        session.finalize()
+    return sum(not torch.equal(module.weight, norms[name]) for name, module in model.named_modules() if name in norms)
 
 
 def _forward(batch: dict, module) -> None:
@@ -164,7 +216,7 @@ def _sparseml_quantize(model, text: str, calibration: list[dict]):
 
     model = _as_linear(model).eval()
     with _quiet_sparseml(), _sparseml_qconfig():
-        _manager(text).apply(model, loggers=_loggers(logger_module), calibration_dataloader=calibration,
+        _manager(text, model).apply(model, loggers=_loggers(logger_module), calibration_dataloader=calibration,
                              calibration_function=_forward)
     model.apply(torch.ao.quantization.disable_observer)
     return model
@@ -177,7 +229,7 @@ def _sparseml_restore(model, text: str):
 
     model = _as_linear(model).eval()
     with _quiet_sparseml(), _sparseml_qconfig():
-        _manager(text).apply_structure(model, loggers=_loggers(logger_module))
+        _manager(text, model).apply_structure(model, loggers=_loggers(logger_module))
     model.apply(torch.ao.quantization.disable_observer)
     return model
 
@@ -221,6 +273,14 @@ def _hf_name(qat_name: str, parameter: str = "weight") -> str:
     return ".".join(parts + [parameter])
 
 
+def check_layers(recipe: Recipe, model) -> None:
+    """Fail in one line, before pruning, on a composed recipe whose `fp32_layers` names no layer of `model`."""
+    fp32_layers = recipe.quantization.params.get("fp32_layers", "none")
+    if fp32_layers != "none" and not _matching(fp32_layers, model):
+        raise HarnessError(f"recipe {recipe.name}: fp32_layers={fp32_layers} names no layer of the model "
+                           f"(a module name, or its last part such as down_proj)")
+
+
 def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str], output: Path) -> dict:
     """Quantize a pruned `model` with `recipe.quantization`, calibrated on `calibration`; write the run's
     `quantization/` into `output` (the staging run directory) and put the quantized weights into `model`
@@ -229,6 +289,8 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
 
     quantization = recipe.quantization
     text = quantization.render_text(0.0, targets)
+    strength = quantization.params.get("smoothing", 0.0)
+    smoothed = _smooth(model, strength, calibration) if strength else 0
     qat = _sparseml_quantize(copy.deepcopy(model), text, calibration)  # the original keeps HF's module names
     quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied LM head under its own name too
@@ -270,6 +332,7 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
         "unquantized_targets": sorted(target_set - set(quantized)),
         "zeros_before": zeros_before, "zeros_after": zeros_after, "zeros_preserved": not lost,
         "int32_biases": len(bias_scales),
+        "smoothing": {"strength": strength, "norms": smoothed},
     }
     target = quantization_dir(output)
     target.mkdir()

@@ -158,3 +158,29 @@ def test_a_decoder_quantizes_with_its_lm_head_fp32_by_default_or_int8(model, tar
         (result,) = evaluate.evaluate(int8, ["wikitext2"], limit=1, engines=("pytorch",), cores=1).benchmarks.values()
         assert result.metrics == result.deepsparse.metrics
         assert result.deepsparse.difference["word_perplexity"] != 0  # PyTorch's FP32 activations differ
+
+
+def test_smoothing_and_an_fp32_layer_in_every_block_keep_the_sparsity():
+    fp32 = prune.prune("tiny-llama", 50, "sparseml/oneshot-magnitude")
+    int8 = prune.prune("tiny-llama", 50, f"{RECIPE}@fp32_layers=down_proj,smoothing=0.5")
+    assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent == fp32.read(SPARSITY_FILE, Sparsity).achieved_percent
+    summary = export.read_json(quantize.quantization_dir(int8.path) / quantize.SUMMARY_FILE)
+    assert summary["smoothing"] == {"strength": 0.5, "norms": 2 * 2}  # 2 blocks: the attention's and the MLP's norm
+    assert summary["unquantized_targets"] == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
+    before, after = dict(saved_tensors(fp32.path / "model")), dict(saved_tensors(int8.path / "model"))
+    assert torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+    assert not torch.allclose(before["model.layers.1.input_layernorm.weight"],
+                              after["model.layers.1.input_layernorm.weight"])  # its range moved into q, k, v
+    onnx_dir = export.ensure_onnx(int8)
+    assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == 2 * 7 - 2
+    assert export.read_json(onnx_dir / "export.json")["parity"]["ok"]
+
+
+@pytest.mark.parametrize("model, variant, message", [
+    ("tiny-llama", "fp32_layers=down_prj", "fp32_layers=down_prj names no layer of the model"),
+    ("tiny-gpt2", "smoothing=0.5", "smoothing has no mappings for gpt2 models (known: llama)"),
+])
+def test_a_quantization_parameter_that_cannot_apply_is_one_line(model, variant, message):
+    with pytest.raises(HarnessError, match=re.escape(message)) as error:
+        prune.prune(model, 50, f"{RECIPE}@{variant}")
+    assert "\n" not in str(error.value)
