@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -390,9 +391,37 @@ class _MainOutput(torch.nn.Module):
         return self.model(**named, **dict(zip(self.input_names, inputs)))[self.output_name]
 
 
+@contextlib.contextmanager
+def _rotary_tables(model):
+    """Each rotary-embedding module (Llama's) answering from a table of its cos and sin at every position,
+    computed once by the module itself, instead of from `inv_freq x position_ids`: DeepSparse 1.8 compiles an
+    INT8 Llama graph only without that in-graph product and its Cos / Sin (otherwise "Assertion at
+    src/lib/engine/execution/graph.cpp:925", whichever layers are quantized); the values are the same."""
+    modules = [module for module in model.modules() if type(module).__name__.endswith("RotaryEmbedding")
+               and "position_ids" in inspect.signature(module.forward).parameters]
+    originals = []
+    for module in modules:
+        positions = torch.arange(model.config.max_position_embeddings)[None]
+        with torch.no_grad():
+            cos, sin = module(torch.zeros(1, dtype=torch.float32), positions)
+
+        def lookup(x, position_ids, cos=cos[0], sin=sin[0]):
+            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
+
+        originals.append(module.__dict__.get("forward"))
+        module.forward = lookup
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            del module.forward
+            if original is not None:
+                module.forward = original
+
+
 def export_onnx(qat_model, spec, sample: dict, output: Path, opset: int) -> None:
     """SparseML's QAT export of the fake-quantized model, converted to quantized ops, into `output/model.onnx`,
-    with optimum's input names and dynamic axes (batch_size, sequence_length)."""
+    with optimum's input names and dynamic axes (batch_size, sequence_length); rotary embeddings as tables."""
     import onnx
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs with TasksManager)
     from optimum.exporters.tasks import TasksManager
@@ -409,7 +438,7 @@ def export_onnx(qat_model, spec, sample: dict, output: Path, opset: int) -> None
     feeds = onnx_feeds(input_names, sample)
     batch = OrderedDict((name, torch.from_numpy(feeds[name])) for name in input_names)
     path = output / "model.onnx"
-    with _quiet_sparseml():
+    with _quiet_sparseml(), _rotary_tables(qat_model):
         sparseml_export(_MainOutput(qat_model, input_names, output_name).eval(), batch, str(path), opset=opset,
                         convert_qat=True, dynamo=False, output_names=[output_name],
                         dynamic_axes={name: dict(axes[name]) for name in [*input_names, output_name]})
