@@ -248,3 +248,20 @@ def test_quantizing_the_lm_head_is_compared_with_the_same_recipe_keeping_it_fp32
     assert line == ("- b1_s128, `a/b+int8@fp32_head=none,mask_type=block4` at 50 %: with the LM head in INT8 too, "
                     "DeepSparse sparse vs ONNX Runtime dense is 1.8× against 1.5× with the head FP32 "
                     "(`a/b+int8@mask_type=block4`).")
+
+
+def test_an_int8_run_is_compared_with_its_fp32_run_at_the_same_level():
+    from types import SimpleNamespace
+
+    from harness.report.challenges import quantization_cost
+
+    def point(recipe, level, value):
+        return SimpleNamespace(recipe=recipe, level=level), SimpleNamespace(value=value)
+
+    fp32, int8 = "sparseml/oneshot-sparsegpt", "sparseml/oneshot-sparsegpt+int8@fp32_layers=down_proj,samples=16"
+    series = {f"{fp32}@samples=16": [point(fp32, 0.0, 35.0), point(fp32, 50.0, 80.0)],
+              int8: [point(int8, 50.0, 84.0), point(int8, 70.0, 300.0)]}  # no FP32 run at 70 %: no sentence
+    values = [(run, entry.value) for run, entry in series[int8]]
+    assert quantization_cost("wikitext2 word_perplexity", int8, values, series) == [
+        f"- wikitext2 word_perplexity, `{int8}` at 50 %: INT8 84 vs FP32 80 (`{fp32}@samples=16`), +5.0 %."]
+    assert quantization_cost("wikitext2 word_perplexity", f"{fp32}@samples=16", [], series) == []

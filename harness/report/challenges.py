@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.layout import BENCH_FILE, EVAL_FILE
-from harness.recipes import variant_name, variant_params
+from harness.recipes import unquantized, variant_name, variant_params
 from harness.report.accuracy import accuracy_points, benchmark_directions, dense_value, higher_is_better
 from harness.report.format import number, percent
 from harness.report.runs import ModelRuns, Run
@@ -92,10 +92,21 @@ def accuracy_challenges(models: ModelRuns, threshold: float) -> list[str]:
             for recipe, entries in series.items():
                 values = [(run, entry.value) for run, entry in entries]
                 lines.append(f"- {benchmark} {metric}, `{recipe}`: {collapse(values, dense[1], better, threshold)}")
+                lines += quantization_cost(f"{benchmark} {metric}", recipe, values, series)
     if not lines:
         return [f"- Accuracy: not measured yet (no `{EVAL_FILE}`)."]
     return [f"**Where accuracy collapses**: the first level whose metric is more than {number(threshold)} % "
             f"worse than the dense baseline (relative).", "", *lines]
+
+
+def quantization_cost(metric: str, recipe: str, values: list[tuple[Run, float]], series: dict) -> list[str]:
+    """A composed INT8 recipe's metric against its FP32 pruning recipe's at the same level: what quantizing costs."""
+    fp32 = unquantized(recipe)
+    fp32_values = {run.level: entry.value for run, entry in series.get(fp32, [])} if fp32 != recipe else {}
+    return [f"- {metric}, `{recipe}` at {level_name(run.level)} %: INT8 {number(value)} vs FP32 "
+            f"{number(fp32_values[run.level])} (`{fp32}`), {relative_change(value, fp32_values[run.level]):+.1f} %."
+            for run, value in sorted(values, key=lambda item: item[0].level)
+            if run.level in fp32_values and fp32_values[run.level] != 0]
 
 
 def speed_challenges(models: ModelRuns, floor: float) -> list[str]:
