@@ -218,7 +218,7 @@ def _sparseml_quantize(model, text: str, calibration: list[dict]):
     model = _as_linear(model).eval()
     with _quiet_sparseml(), _sparseml_qconfig():
         _manager(text, model).apply(model, loggers=_loggers(logger_module), calibration_dataloader=calibration,
-                             calibration_function=_forward)
+                                    calibration_function=_forward)
     model.apply(torch.ao.quantization.disable_observer)
     return model
 
