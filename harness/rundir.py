@@ -238,9 +238,8 @@ def staging_dir(final: Path) -> Iterator[Path]:
     """A temporary directory beside `final` that replaces it only if the body completes.
 
     An interrupted or failed run leaves nothing at `final` (the old content, if any, stays until the
-    new one is complete), nor the parent directory it had to create for it.
+    new one is complete).
     """
-    created_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_staging(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
@@ -256,9 +255,6 @@ def staging_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent and not final.exists():
-            with contextlib.suppress(OSError):  # not empty: something else lives there now
-                final.parent.rmdir()
 
 
 def remove_orphaned_staging(final: Path) -> None:
