@@ -238,8 +238,9 @@ def staging_dir(final: Path) -> Iterator[Path]:
     """A temporary directory beside `final` that replaces it only if the body completes.
 
     An interrupted or failed run leaves nothing at `final` (the old content, if any, stays until the
-    new one is complete).
+    new one is complete), nor the directories it had to create above it.
     """
+    created = [d for d in final.parents if not d.exists()]  # deepest first
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_staging(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
@@ -255,6 +256,10 @@ def staging_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            with contextlib.suppress(OSError):  # stops at one that is not empty: something else lives there now
+                for directory in created:
+                    directory.rmdir()
 
 
 def remove_orphaned_staging(final: Path) -> None:

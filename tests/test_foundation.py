@@ -1,6 +1,7 @@
 """Registry, loading, run directories, recipes and the CLI's handling of bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,16 @@ def test_staging_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path)
             (tmp / "half.bin").write_bytes(b"x")
             raise KeyboardInterrupt
     assert not final.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):  # a run directory whose model and recipe directories it made: they go too
+        with staging_dir(tmp_path / "model" / "recipe" / "50"):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "model" / "recipe" / ".50.resume").mkdir(parents=True)  # but not one holding something else
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(tmp_path / "model" / "recipe" / "50"):
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.rglob("*")] == ["model", "recipe", ".50.resume"]
+    shutil.rmtree(tmp_path / "model")
     for content in (b"old", b"new"):
         with staging_dir(final) as tmp:
             (tmp / "data").write_bytes(content)

@@ -36,9 +36,13 @@ def run_sweep(executor: str, stages=STAGES) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={**NODES[0], "resources": {ray_executor.SLOT: 1},
-                                                            "memory": 4 << 30})
-    worker = cluster.add_node(**NODES[1], resources={ray_executor.SLOT: 1}, memory=4 << 30)
+    # A fixed object store per node, not 30 % of what memory the test process left free, and no refusal
+    # to spill it to a disk that is over 95 % full on a shared CI machine: the runs' archives are small.
+    store = {"memory": 4 << 30, "object_store_memory": 1 << 30}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **NODES[0], **store, "resources": {ray_executor.SLOT: 1},
+        "_system_config": {"local_fs_capacity_threshold": 1.0}})
+    worker = cluster.add_node(**NODES[1], **store, resources={ray_executor.SLOT: 1})
     cluster.wait_for_nodes()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ADDRESS", cluster.address)

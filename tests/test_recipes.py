@@ -195,8 +195,7 @@ def test_a_backend_that_misses_the_level_is_one_error_and_leaves_no_run(capsys, 
     code, lines = prune_cli(capsys, "tiny-gpt2", 50, recipe_file(tmp_path, "fake", "fake"))
     assert (code, lines) == (2, ["error: recipe fake left the targets 25.00% sparse instead of 50.00% (fake): "
                                  "check the fake schedule"])
-    run_parent = RunDir("tiny-gpt2", "fake", 50).path.parent
-    assert list(run_parent.iterdir()) == []  # no run, no staging directory
+    assert list(runs_root.iterdir()) == []  # no run, no staging directory, no empty recipe directory
 
 
 def test_a_backend_that_reaches_the_level_writes_sparsity_json(capsys, monkeypatch, runs_root, tmp_path):
