@@ -217,11 +217,10 @@ def _sparseml_quantize(model, text: str, calibration: list[dict]):
     from sparseml.pytorch import utils as logger_module
 
     model = _as_linear(model).eval()
-    with _quiet_sparseml(), _sparseml_qconfig():
-        batches = tqdm(calibration, desc="INT8 calibration", unit="batch")  # minutes on a 1.5B model
+    with _quiet_sparseml(), _sparseml_qconfig(), \
+            tqdm(calibration, desc="INT8 calibration", unit="batch") as batches:  # minutes on a 1.5B model
         _manager(text, model).apply(model, loggers=_loggers(logger_module), calibration_dataloader=batches,
                                     calibration_function=_forward)
-        batches.close()
     model.apply(torch.ao.quantization.disable_observer)
     return model
 
