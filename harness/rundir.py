@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import psutil
 
 from harness.errors import HarnessError
-from harness.layout import DERIVED_SUBDIRS, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, RESUME_SUFFIX, Record, read_record
+from harness.layout import DERIVED_COPIES, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, RESUME_SUFFIX, Record, read_record
 from harness.monitor import PeakMemory, stall_watch
 from harness.paths import runs_dir
 
@@ -161,13 +161,13 @@ class RunDir:
 
     def discard_artifacts(self) -> int:
         """Delete the checkpoint's weight files and the derived model-sized copies (the ONNX export, the
-        compressed copy) to save disk, keeping every result and the manifest; returns the bytes freed.
+        compressed copy, the INT8 checkpoint) to save disk, keeping every result and the manifest; returns the bytes freed.
 
         The stages' records stay valid (their results were computed before), so a rerun skips them;
         loading the model says how to recreate the weights instead of failing obscurely.
         """
         doomed = [p for p in self.model_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)] if self.model_dir.exists() else []
-        doomed += [self.path / name for name in DERIVED_SUBDIRS if (self.path / name).exists()]
+        doomed += [self.path / name for name in DERIVED_COPIES if (self.path / name).exists()]
         if not doomed:
             return 0
         freed = sum(f.stat().st_size for p in doomed for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())

@@ -205,3 +205,11 @@ def test_a_llama_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime():
     (logits,) = engine.run(list(feeds.values()))
     reference = run_onnx(onnx_dir, "decoder", values)["logits"]
     assert np.abs(logits - reference).mean() < INT8_ENGINE_RTOL * np.abs(reference).mean()
+
+
+def test_discarding_an_int8_run_deletes_its_int8_checkpoint_and_keeps_its_results(runs):
+    _, int8, _ = runs  # last in this module: the other tests read these weights
+    freed = int8.discard_artifacts()
+    assert not quantize.int8_checkpoint(int8.path).exists() and not list(int8.model_dir.glob("*.safetensors"))
+    assert freed == int8.manifest()["discarded"]["bytes"] and "quantization/int8.safetensors" in int8.manifest()["discarded"]["paths"]
+    assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent > 0 and quantize.is_quantized(int8.path)
