@@ -96,6 +96,7 @@ class Recovery:
     steps: int
     wall_time_s: float  # of this process's training (after a resume: since it resumed)
     resumed_from: int | None = None  # the step a resumed run went on from
+    precision: str = "fp32"  # what the plan's precision resolved to on the machine: fp32 or bf16
 
 
 # --- bench ------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
             job = backends.PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, recipe=recipe,
                                     sparsity=level / 100, targets=targets)
             resume = recovery.Resume(run.resume_dir, plan, targets, inputs) if plan else None
-            teacher = load.load_model(spec).model if plan else None
+            teacher = load.load_model(spec, dtype=recovery.teacher_dtype(plan)).model if plan else None
             outcomes = []
 
             def distil(hooks: recovery.Hooks | None = None) -> layout.Recovery:

@@ -43,6 +43,7 @@ from harness.rundir import fingerprint, write_atomic
 STATE_FILE = "recovery-state.pt"
 KEY_FILE = "recovery-state.key"  # the state's key, readable without loading the state
 TRAINABLE = ("targets", "targets+norms+biases")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the CPU multiplies bf16 matrices natively, else fp32
 LENGTHS = ("auto", "fixed", "mixed")  # auto: mixed for encoders, fixed otherwise
 MIN_MIXED_LEN = 8
 
@@ -59,6 +60,7 @@ class RecoveryPlan:
     temperature: float = 2.0
     kl_weight: float = 1.0  # models with logits: 1 = pure distillation, 0 = pure language modelling
     trainable: str = "targets"  # or "targets+norms+biases"
+    precision: str = "auto"  # bf16: mixed precision (fp32 weights and optimizer, bf16 matrix products)
     lengths: str = "auto"  # training sequences: fixed (seq_len tokens), mixed (wrapped spans), auto
     corpus: str = corpus.DEFAULT_CORPUS
     checkpoint_minutes: float = 10.0
@@ -77,6 +79,8 @@ class RecoveryPlan:
     def check(self) -> None:
         if self.trainable not in TRAINABLE:
             raise HarnessError(f"recovery: trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.precision not in PRECISIONS:
+            raise HarnessError(f"recovery: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lengths not in LENGTHS:
             raise HarnessError(f"recovery: lengths must be one of {', '.join(LENGTHS)}, got {self.lengths!r}")
         if min(self.tokens, self.seq_len, self.batch_size, self.accumulation) < 1 or self.lr <= 0:
@@ -89,6 +93,25 @@ class RecoveryPlan:
     @property
     def ramp_steps(self) -> int:
         return round(self.ramp * self.steps)
+
+
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 matrices natively (AMX or AVX512-BF16)? Without, bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolved_precision(plan: RecoveryPlan) -> str:
+    if plan.precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return plan.precision
+
+
+def teacher_dtype(plan: RecoveryPlan) -> torch.dtype:
+    return torch.bfloat16 if resolved_precision(plan) == "bf16" else torch.float32
 
 
 def _nothing(step: int) -> None:
@@ -215,8 +238,12 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
             plan: RecoveryPlan, resume: Resume, hooks: Hooks | None = None) -> Recovery:
     """Train `student` in place (continuing from `resume`'s state if it has one: then the student's target
     weights need not be pruned yet, the state holds them); returns what `recovery.json` holds.
-    Without `hooks` the mask is the student's zeros, fixed; with them, the pruning schedule's."""
+    Without `hooks` the mask is the student's zeros, fixed; with them, the pruning schedule's.
+    In bf16 precision both forwards run under autocast (load the teacher in `teacher_dtype(plan)`: it only
+    runs forward); the student's weights, gradients and optimizer stay fp32, so the mask and resume are exact."""
     plan.check()
+    precision = resolved_precision(plan)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     trained = trainable_names(student, targets, plan.trainable)
     needed, available = memory_needed(student, trained, plan), psutil.virtual_memory().available
     if needed > available:
@@ -257,9 +284,10 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         for micro in range(plan.accumulation):
             batch = batches(step * plan.accumulation + micro)
             seen += int(batch["attention_mask"].sum())
-            with torch.no_grad():
-                teacher_out = teacher(**batch)
-            loss = distillation_loss(student(**batch), teacher_out, batch, plan) / plan.accumulation
+            with autocast:
+                with torch.no_grad():
+                    teacher_out = teacher(**batch)
+                loss = distillation_loss(student(**batch), teacher_out, batch, plan) / plan.accumulation
             loss.backward()
             total += float(loss.detach())
         hooks.before_optimizer_step(step)
@@ -279,7 +307,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
     student.eval()
     for param in params.values():
         param.requires_grad_(True)
-    return Recovery(plan=asdict(plan), curve=curve, tokens=seen,
+    return Recovery(plan=asdict(plan), precision=precision, curve=curve, tokens=seen,
                     steps=plan.steps, wall_time_s=round(time.time() - started, 1), resumed_from=resumed_from)
 
 

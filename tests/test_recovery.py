@@ -1,6 +1,7 @@
 """Recovery training on tiny models: the loss falls, the mask stays fixed, a killed run resumes to the
 same weights as an uninterrupted one, a budget that cannot fit fails before training."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from harness.errors import HarnessError
 from conftest import killed_after
 
 PLAN = recovery.RecoveryPlan(tokens=16 * 2 * 2 * 32, seq_len=32, batch_size=2, accumulation=2, lr=3e-3,
-                             warmup=0.1, checkpoint_minutes=0.0)
+                             warmup=0.1, checkpoint_minutes=0.0, precision="bf16")
 
 
 def resume_in(directory, targets):
@@ -30,15 +31,16 @@ def pruned_pair(alias: str):
     return loaded.model, teacher, loaded.tokenizer, loaded.spec.architecture, targets
 
 
-@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-m2m100"])
-def test_loss_falls_and_the_mask_stays_fixed(alias, tmp_path):
+@pytest.mark.parametrize("alias, precision", [("tiny-gpt2", "fp32"), ("tiny-gpt2", "bf16"), ("tiny-m2m100", "bf16")])
+def test_loss_falls_and_the_mask_stays_fixed(alias, precision, tmp_path):
     student, teacher, tokenizer, architecture, targets = pruned_pair(alias)
+    plan = dataclasses.replace(PLAN, precision=precision)
     params = dict(student.named_parameters())
     zeros = {name: params[name] == 0 for name in targets}
     untouched = {n: p.detach().clone() for n, p in params.items() if n not in targets}
-    result = recovery.recover(student, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path, targets))
+    result = recovery.recover(student, teacher, tokenizer, architecture, targets, plan, resume_in(tmp_path, targets))
     losses = [point.loss for point in result.curve]
-    assert len(losses) == PLAN.steps == 16
+    assert len(losses) == plan.steps == 16 and result.precision == precision
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
     for name in targets:
         assert torch.equal(params[name] == 0, zeros[name])  # exactly the pruned weights are zero
@@ -120,6 +122,8 @@ def test_bad_plans_are_one_clear_line():
         recovery.RecoveryPlan(kl_weight=2).check()
     with pytest.raises(HarnessError, match="lengths must be one of"):
         recovery.RecoveryPlan(lengths="short").check()
+    with pytest.raises(HarnessError, match="precision must be one of auto, fp32, bf16"):
+        recovery.RecoveryPlan(precision="fp16").check()
 
 
 RECOVER = "sparseml/magnitude-recover"
