@@ -77,11 +77,11 @@ def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
     for run in runs:
         recovery, record = run.recovery, run.stage_record("prune")
         tail = recovery.curve[-max(1, len(recovery.curve) // 10):]
-        rows.append([run.recipe, level_name(run.level), number(recovery.plan.get("corpus")), number(recovery.tokens),
-                     number(recovery.steps), number(recovery.curve[0].loss),
+        rows.append([run.recipe, level_name(run.level), number(recovery.plan.get("corpus")), recovery.precision,
+                     number(recovery.tokens), number(recovery.steps), number(recovery.curve[0].loss),
                      number(sum(point.loss for point in tail) / len(tail)), number(record.get("wall_time_s")),
                      number(record.get("peak_rss_mb")), run_link(run)])
-    lines += table(["recipe", "level %", "corpus", "tokens", "steps", "first loss", "final loss", "prune s",
+    lines += table(["recipe", "level %", "corpus", "precision", "tokens", "steps", "first loss", "final loss", "prune s",
                     "peak MB", "run directory"], rows)
     path = plots.path("recovery")
     plot_curves(models, runs, path)
