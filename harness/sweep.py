@@ -200,9 +200,14 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
 
 
 def controls(recipes: list[str]) -> list[str]:
-    """The control variants (`@control=true`) of the recipes that train."""
-    trained = [load_recipe(name) for name in recipes]
-    return [recipe.with_params({"control": True}).name for recipe in trained if recipe.recovery]
+    """The control variants (`@control=true`) of the recipes that train with some language-modelling loss:
+    pure distillation (kl_weight 1) cannot adapt a model to the training text, so it needs no control."""
+    trained = [recipe for recipe in map(load_recipe, recipes) if recipe.recovery]
+    for recipe in trained:
+        if recipe.recovery.kl_weight == 1:
+            tqdm.write(f"sweep: no control for {recipe.name}: with kl_weight 1 it only distils the dense model, "
+                       f"so its training cannot adapt it to the training text (set kl_weight below 1 for a control)")
+    return [recipe.with_params({"control": True}).name for recipe in trained if recipe.recovery.kl_weight < 1]
 
 
 def _read_ledger(model: str) -> dict:
@@ -265,7 +270,8 @@ def add_arguments(parser) -> None:
                              "instance, or on the cluster at RAY_ADDRESS (each stage in its own process)")
     parser.add_argument("--control", action="store_true",
                         help="also run each recipe with recovery at level 0 with the same training (the "
-                             "domain-adaptation control: its variant <recipe>@control=true)")
+                             "domain-adaptation control: its variant <recipe>@control=true); only for recipes "
+                             "that mix in the language-modelling loss (kl_weight below 1)")
     parser.add_argument("--stage-args", action="append", default=[], metavar="STAGE:ARGS",
                         help="extra options for one stage, e.g. 'bench:--iterations 5 --batch-sizes 1'")
 
