@@ -1,6 +1,7 @@
 """Shared fixtures and run builders: every test session writes runs into a temporary directory, never into runs/."""
 import contextlib
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,8 +11,17 @@ from harness.layout import MANIFEST, MODEL_SUBDIR, SPARSITY_FILE, to_json
 from harness.rundir import RunDir, fingerprint, stage_run, staging_dir, write_json
 
 
+# A run of the suite writes about 2.2 GB of runs under the temporary directory (and builds ~1 GB of tiny models
+# in .cache/). On a full disk dozens of tests fail with scattered "No space left on device": say it once instead.
+NEEDED_FREE_GB = 4
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_runs(tmp_path_factory):
+    free = shutil.disk_usage(tmp_path_factory.getbasetemp()).free / 1e9
+    if free < NEEDED_FREE_GB:
+        pytest.exit(f"the tests need about {NEEDED_FREE_GB} GB of free disk under {tmp_path_factory.getbasetemp()}, "
+                    f"{free:.1f} GB is free", returncode=2)
     os.environ["HARNESS_RUNS"] = str(tmp_path_factory.mktemp("runs"))
     os.environ["HARNESS_REPORTS"] = str(tmp_path_factory.mktemp("reports"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
