@@ -90,9 +90,9 @@ class RecoveryPlan:
         if not 0 <= self.kl_weight <= 1 or not 0 <= self.warmup < 1 or not 0 <= self.ramp <= 1:
             raise HarnessError("recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)")
         if self.control and self.kl_weight == 1:
-            raise HarnessError(f"recovery: control=true with kl_weight 1 distils the dense model into itself, which "
-                               f"leaves it as it is: set kl_weight below 1, so the control also learns the training "
-                               f"text (the domain adaptation it controls for)")
+            raise HarnessError("recovery: control=true with kl_weight 1 distils the dense model into itself, which "
+                               "leaves it as it is: set kl_weight below 1, so the control also learns the training "
+                               "text (the domain adaptation it controls for)")
 
     @property
     def ramp_steps(self) -> int:
