@@ -34,7 +34,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from harness import corpus
+from harness import corpus, timing
 from harness.errors import HarnessError
 from harness.evaluators.onnx_engine import pad_right
 from harness.layout import CurvePoint, Recovery
@@ -101,11 +101,7 @@ class RecoveryPlan:
 
 def cpu_has_bf16() -> bool:
     """Does this CPU multiply bf16 matrices natively (AMX or AVX512-BF16)? Without, bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & set(timing.cpu_info().get("avx", ())))
 
 
 def resolved_precision(plan: RecoveryPlan) -> str:
