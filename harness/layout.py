@@ -51,7 +51,8 @@ SWEEP_FILE = "sweep.json"  # in runs/<model>/
 QUANTIZATION_SUBDIR = "quantization"  # a `<pruning>+<quantization>` recipe's INT8 state and checkpoint (harness.quantize)
 OPENVINO_INT8_SUBDIR = "openvino-int8"  # the export quantized by NNCF for the bench's openvino-int8 engine
 OPENVINO_INT8_FILE = "quantization.json"  # inside openvino-int8/: what it was quantized from and how
-INT8_CHECKPOINT = f"{QUANTIZATION_SUBDIR}/int8.safetensors"  # the INT8 copy of model/, for its size
+INT8_FILE = "int8.safetensors"  # inside quantization/: the INT8 copy of model/, for its size
+INT8_CHECKPOINT = f"{QUANTIZATION_SUBDIR}/{INT8_FILE}"
 DERIVED_COPIES = (ONNX_SUBDIR, COMPRESSED_SUBDIR, OPENVINO_INT8_SUBDIR, INT8_CHECKPOINT)  # model-sized copies a sweep may discard
 
 # stage -> the file that shows it finished (relative to the run directory)

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from harness.errors import HarnessError
-from harness.layout import INT8_CHECKPOINT, MODEL_SUBDIR, QUANTIZATION_SUBDIR
+from harness.layout import INT8_FILE, MODEL_SUBDIR, QUANTIZATION_SUBDIR
 from harness.recipes import Recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -97,7 +97,7 @@ def quantization_dir(run_path: Path) -> Path:
 
 
 def int8_checkpoint(run_path: Path) -> Path:
-    return Path(run_path) / INT8_CHECKPOINT
+    return quantization_dir(run_path) / INT8_FILE
 
 
 def is_quantized(run_path: Path) -> bool:
@@ -345,7 +345,7 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
     int8 = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name not in quantized}
     for name, (values, scale, _) in quantized.items():
         int8[name], int8[f"{name}.scale"] = values.contiguous(), scale.reshape(-1).contiguous()
-    save_file(_untied(int8), target / Path(INT8_CHECKPOINT).name, metadata={"format": "pt"})
+    save_file(_untied(int8), target / INT8_FILE, metadata={"format": "pt"})
     (target / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
