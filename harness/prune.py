@@ -2,11 +2,11 @@
 
 The run directory is built in a temporary sibling and renamed into place at the end, so an
 interrupted or failed prune never leaves a half-written run. Level 0 is the dense baseline: the
-model is saved unchanged. A recipe with `recovery` then distils the dense model into the pruned one
-(`harness.recovery`); its state is checkpointed beside the run (`RunDir.resume_dir`), so the same
+model is saved unchanged. A recipe with a recovery step (`<pruning>+distil`) then distils the dense model
+into the pruned one (`harness.recovery`); its state is checkpointed beside the run (`RunDir.resume_dir`), so the same
 command after an interruption goes on from the last checkpoint, and its loss curve is saved in the run.
-A composed recipe (`<pruning>+int8`) whose FP32 run is finished and current quantizes that run's
-weights instead of pruning and training again.
+A composed recipe (`<pruning>+distil+int8`) starts from the finished, current run of its longest earlier
+part (`<pruning>+distil`, else `<pruning>`) instead of pruning and training again.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import torch
 from harness import backends, corpus, layout, load, quantize, recovery, sparsity
 from harness.errors import HarnessError
 from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
-from harness.recipes import DEFAULT_RECIPE, Calibration, Recipe, load_recipe, parse_overrides, unquantized
+from harness.recipes import DEFAULT_RECIPE, KIND_VERBS, STEP_MARK, Calibration, Recipe, earlier_steps, load_recipe, \
+    parse_overrides
 from harness.rundir import RunDir, fingerprint, parse_level, stage_run, staging_dir, write_json
 
 SEED = 0
@@ -74,14 +75,18 @@ def run_inputs(spec: load.ModelSpec, recipe: Recipe, level: float) -> str:
     return fingerprint(spec.to_dict(), recipe.text, recipe.params, level, SEED)
 
 
-def finished_fp32_run(spec: load.ModelSpec, recipe: Recipe, level: float) -> RunDir | None:
-    """For a composed INT8 recipe at level > 0: its pruning recipe's run at this level, when it is finished and
-    current (then quantization starts from its weights)."""
-    if not recipe.quantization or level == 0:
+def starting_run(spec: load.ModelSpec, recipe: Recipe, level: float) -> tuple[RunDir, Recipe] | None:
+    """For a composed recipe at level > 0: the run of its longest earlier part (`earlier_steps`) at this level
+    that is finished and current, and that part's recipe. The run starts from its weights: a recovery from
+    the one-shot run's, a quantization from the FP32 run's."""
+    if level == 0:
         return None
-    fp32 = load_recipe(unquantized(recipe.name))
-    run = RunDir(spec.name, fp32.name, level)
-    return run if run.is_current("prune", run_inputs(spec, fp32, level), [MODEL_SUBDIR, SPARSITY_FILE]) else None
+    for name in earlier_steps(recipe.name):
+        earlier = load_recipe(name)
+        run = RunDir(spec.name, earlier.name, level)
+        if run.is_current("prune", run_inputs(spec, earlier, level), [MODEL_SUBDIR, SPARSITY_FILE]):
+            return run, earlier
+    return None
 
 
 def check_level(backend: backends.Backend, job: backends.PruneJob) -> None:
@@ -101,6 +106,9 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     level = parse_level(level)
     spec = load.resolve_spec(model)
     recipe = load_recipe(recipe_name).with_params(overrides or {})
+    if recipe.kind != "pruning":
+        raise HarnessError(f"recipe {recipe.name} {KIND_VERBS[recipe.kind]}: compose it after a pruning recipe, "
+                           f"e.g. {DEFAULT_RECIPE}{STEP_MARK}{recipe.base_name.rpartition('/')[2]}")
     backend = backends.get_backend(recipe.backend)
     check_supported(backend, recipe, spec)
     source = load.checkpoint_dir(spec)  # fail on a missing model before anything is written
@@ -111,17 +119,16 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
         print(f"prune: {run.path} is up to date (use --force to redo)")
         return run
     plan = recipe.recovery
-    fp32_run = finished_fp32_run(spec, recipe, level)
-    if (level == 0 and not (plan and plan.control)) or fp32_run:  # the dense baseline, or FP32 weights to quantize
-        plan = None
+    start, started_from = starting_run(spec, recipe, level) or (None, None)
+    if (level == 0 and not (plan and plan.control)) or (started_from and started_from.recovery_header is not None):
+        plan = None  # the dense baseline, or a recovered run to quantize
     gradual = False  # the recipe prunes while training (then the training is its recovery)
-    if level > 0 and not fp32_run:
+    if level > 0 and not start:
         gradual = check_schedule(backend, recipe, level / 100).steps > 0
-        if plan:
-            corpus.resolve_corpus(plan.corpus)
         if recipe.calibration.samples:
             corpus.resolve_corpus(recipe.calibration.corpus)
-
+    if plan:
+        corpus.resolve_corpus(plan.corpus)
     if recipe.quantization:
         corpus.resolve_corpus(recipe.quantization.calibration.corpus)
 
@@ -151,10 +158,11 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
 
             if gradual:
                 job.train = distil
-            if fp32_run:
-                _load_weights(loaded.model, fp32_run)
+            if start:
+                _load_weights(loaded.model, start)
                 check_level(backend, job)
-                record.update(pruned_by=str(fp32_run.path))
+                record.update(started_from=str(start.path))
+                print(f"prune: starting from the finished run {start.path}")
             elif level > 0 and not (resume and resume.exists() and not gradual):  # a resumed recovery has the pruned weights
                 if recipe.calibration.samples:
                     job.calibration = calibration_batches(loaded, recipe.calibration)

@@ -74,10 +74,7 @@ SMOOTHING_MAPPINGS = {
 
 def check_available(recipe: Recipe, checkpoint: Path) -> None:
     """Fail in one line on a composed recipe whose backend cannot quantize this model (its `checkpoint`
-    directory) to a DeepSparse INT8 graph here, or that is a quantization recipe on its own."""
-    if recipe.kind == "quantization":
-        raise HarnessError(f"recipe {recipe.name} quantizes: compose it after a pruning recipe, "
-                           f"e.g. {recipe.backend}/oneshot-magnitude+{recipe.base_name.rpartition('/')[2]}")
+    directory) to a DeepSparse INT8 graph here."""
     if recipe.quantization is None:
         return
     if recipe.backend in UNAVAILABLE:

@@ -8,7 +8,7 @@ A recipe file has a short harness header and, under `recipe:`, the backend's own
     architectures: [encoder, decoder, encoder-decoder]
     targets: default                  # or a list of regexes over parameter names
     calibration: {corpus: fineweb, samples: 128, seq_len: 2048}   # training text the method reads
-    recovery: {tokens: ${tokens}}     # optional: distil the dense model into the pruned one afterwards
+    recovery: {tokens: ${tokens}}     # optional: training while the schedule prunes (a gradual recipe)
     params: {tokens: 2000000}         # values a user may override with --set name=value, typed by these defaults
     recipe: |
       ... backend's own YAML; ${sparsity} (a fraction), ${targets} and ${params} are substituted ...
@@ -17,11 +17,14 @@ A recipe with some parameters changed is a variant of its own name, `<backend>/<
 (e.g. `sparseml/oneshot-wanda@allocation=owl`): a recipe name accepts that form, `--set` gives the same
 name, and its runs live in their own directory beside the defaults' runs.
 
-A pruning recipe composed with a quantization recipe of the same backend (one whose header says
-`kind: quantization`, e.g. `recipes/sparseml/int8.yaml`) is `<backend>/<pruning>+<quantization>[@<param>=<value>,...]`
-(e.g. `sparseml/oneshot-sparsegpt+int8`): the prune stage quantizes after pruning and recovery
-(`harness.quantize`), the variant's parameters are those of either recipe (their names must differ), and
-the composed recipe supports the architectures both support.
+A pruning recipe is composed with later steps by `+`: `<backend>/<pruning>[+<recovery>][+<quantization>][@<param>=<value>,...]`,
+e.g. `sparseml/oneshot-sparsegpt+distil+int8`. A step's recipe says its `kind:` (`recovery`: a `recovery`
+section and no backend body, e.g. `recipes/common/distil.yaml`; `quantization`: e.g. `recipes/sparseml/int8.yaml`)
+and is looked up in the pruning recipe's backend directory, then in `recipes/common/` (steps for every
+backend, whose header names none). The prune stage runs the steps in that order (`harness.recovery`, then
+`harness.quantize`), and starts from the finished run of the longest earlier part (`earlier_steps`): a
+recovery experiment reuses its one-shot run, an INT8 one its FP32 run. The variant's parameters are those of
+every step (their names must differ), and the composition supports the architectures all steps support.
 
 A value `${name}` in `calibration` or `recovery` is the parameter `name`. In a recipe with `recovery`,
 the body may also use `${train_steps}` (the optimizer steps of its token budget) and `${ramp_steps}`
@@ -48,10 +51,17 @@ from harness.paths import RECIPES_DIR
 DEFAULT_RECIPE = "sparseml/oneshot-magnitude"
 HEADER_KEYS = {"backend", "kind", "description", "architectures", "targets", "calibration", "recovery", "params",
                "recipe"}
-KINDS = ("pruning", "quantization")  # a recipe's `kind:` (default pruning)
+KINDS = ("pruning", "recovery", "quantization")  # a recipe's `kind:` (default pruning), in the order steps compose
+KIND_VERBS = {"recovery": "recovers", "quantization": "quantizes"}
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 VARIANT_MARK = "@"  # `<recipe>@<param>=<value>,...`: the recipe with those parameters
-QUANTIZATION_MARK = "+"  # `<backend>/<pruning>+<quantization>`: prune, then quantize
+STEP_MARK = "+"  # `<backend>/<pruning>+<recovery>+<quantization>`: prune, then recover, then quantize
+COMMON_DIR = "common"  # recipes/common/: recovery and quantization steps for every backend
+# Recipes that became compositions: their old names (in reports made before) fail with the new one.
+RENAMED = {
+    "sparseml/sparsegpt-recover": "sparseml/oneshot-sparsegpt+distil",
+    "sparseml/magnitude-recover": "sparseml/oneshot-magnitude+distil@accumulation=2,batch_size=16,train_seq_len=128",
+}
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -207,41 +217,74 @@ def canonical_name(name: str) -> str:
     return load_recipe(name).name if VARIANT_MARK in name else name
 
 
-def unquantized(name: str) -> str:
-    """The pruning recipe of a composed recipe's name, without the quantization's parameters
-    (`a/b+int8@head=x,y=1` -> `a/b@y=1`); other names unchanged."""
+def earlier_steps(name: str) -> list[str]:
+    """The names of a composed recipe's earlier parts, longest first, each with the parameters it has:
+    `a/b+distil+int8@lr=1,smoothing=0.5` -> [`a/b+distil@lr=1`, `a/b`]; [] for a recipe of one step."""
     base = name.partition(VARIANT_MARK)[0]
-    if QUANTIZATION_MARK not in base:
+    if STEP_MARK not in base:
+        return []
+    params = load_recipe(name).params
+    parts = base.split(STEP_MARK)
+    earlier = [_load_composed(STEP_MARK.join(parts[:count])) for count in range(len(parts) - 1, 0, -1)]
+    return [part.with_params({key: value for key, value in params.items() if key in part.params}).name
+            for part in earlier]
+
+
+def unquantized(name: str) -> str:
+    """The name of a composed recipe without its quantization step (`a/b+int8@head=x,y=1` -> `a/b@y=1`);
+    other names unchanged."""
+    if STEP_MARK not in name.partition(VARIANT_MARK)[0]:
         return name
-    pruning = _load_file(base.partition(QUANTIZATION_MARK)[0])
-    return pruning.with_params({key: value for key, value in load_recipe(name).params.items()
-                                if key in pruning.params}).name
+    return earlier_steps(name)[0] if load_recipe(name).quantization else name
 
 
 def _load_composed(name: str) -> Recipe:
-    """A pruning recipe, or `<pruning>+<quantization>`: the pruning recipe with the quantization recipe composed."""
-    name, mark, quantization_name = name.partition(QUANTIZATION_MARK)
-    recipe = _load_file(name)
-    if not mark:
-        return recipe
-    quantization = _load_file(f"{recipe.backend}/{quantization_name}") if "/" not in quantization_name \
-        else _load_file(quantization_name)
-    if quantization.kind != "quantization" or quantization.backend != recipe.backend:
-        raise HarnessError(f"recipe {name}{QUANTIZATION_MARK}{quantization_name}: {quantization.name} is not a "
-                           f"{recipe.backend} quantization recipe (`kind: quantization`, backend {recipe.backend})")
-    composed = f"{recipe.name}{QUANTIZATION_MARK}{quantization.name.rpartition('/')[2]}"
-    shared = sorted(set(recipe.params) & set(quantization.params))
-    if shared:
-        raise HarnessError(f"recipe {composed}: both {recipe.name} and {quantization.name} have a parameter {shared[0]}")
-    return Recipe(**{**recipe.__dict__, "name": composed, "text": recipe.text + quantization.text,
-                     "params": {**recipe.params, **quantization.params},
-                     "defaults": {**recipe.defaults, **quantization.defaults},
-                     "architectures": tuple(a for a in recipe.architectures if a in quantization.architectures),
-                     "quantization": quantization})
+    """A pruning recipe, or one composed with later steps: `<pruning>+<recovery>+<quantization>` (either optional)."""
+    first, *step_names = name.split(STEP_MARK)
+    recipe = _load_file(first)
+    if step_names and recipe.kind != "pruning":
+        raise HarnessError(f"recipe {name}: a composition starts with a pruning recipe, {recipe.name} "
+                           f"{KIND_VERBS[recipe.kind]}")
+    kind = recipe.kind
+    for step_name in step_names:
+        step = _load_step(recipe.backend, step_name)
+        composed = f"{recipe.name}{STEP_MARK}{step.name.rpartition('/')[2]}"
+        if KINDS.index(step.kind) <= KINDS.index(kind):
+            raise HarnessError(f"recipe {composed}: steps compose as pruning, then recovery, then quantization, "
+                               f"each at most once")
+        if step.kind == "recovery" and recipe.recovery_header is not None:
+            raise HarnessError(f"recipe {composed}: {recipe.name} trains already (its own recovery section)")
+        shared = sorted(set(recipe.params) & set(step.params))
+        if shared:
+            raise HarnessError(f"recipe {composed}: both {recipe.name} and {step.name} have a parameter {shared[0]}")
+        recipe = Recipe(**{**recipe.__dict__, "name": composed, "text": recipe.text + step.text,
+                           "params": {**recipe.params, **step.params}, "defaults": {**recipe.defaults, **step.defaults},
+                           "architectures": tuple(a for a in recipe.architectures if a in step.architectures),
+                           "recovery_header": step.recovery_header if step.kind == "recovery" else recipe.recovery_header,
+                           "quantization": step if step.kind == "quantization" else recipe.quantization})
+        kind = step.kind
+    return recipe
+
+
+def _load_step(backend: str, name: str) -> Recipe:
+    """A recovery or quantization step: `<backend>/<name>`, else `common/<name>` (or a name with its directory)."""
+    if "/" not in name:
+        own = RECIPES_DIR / backend / f"{name}.yaml"
+        name = f"{backend}/{name}" if own.exists() or not (RECIPES_DIR / COMMON_DIR / f"{name}.yaml").exists() \
+            else f"{COMMON_DIR}/{name}"
+    step = _load_file(name)
+    if step.kind == "pruning":
+        raise HarnessError(f"recipe {step.name} prunes: only recovery and quantization recipes compose after "
+                           f"a pruning recipe")
+    if step.backend not in (backend, ""):
+        raise HarnessError(f"recipe {step.name} is for backend {step.backend}, not {backend}")
+    return step
 
 
 def _load_file(name: str) -> Recipe:
     path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
+    if not path.exists() and name in RENAMED:
+        raise HarnessError(f"recipe {name} is now {RENAMED[name]} (the same steps, composed)")
     if not path.exists():
         raise HarnessError(f"unknown recipe '{name}': available are {', '.join(available())}")
     text = path.read_text()
@@ -251,30 +294,31 @@ def _load_file(name: str) -> Recipe:
         raise HarnessError(f"recipe {path} is not valid YAML: {exc}") from None
     if not isinstance(header, dict):
         raise HarnessError(f"recipe {path} must be a mapping with keys {', '.join(sorted(HEADER_KEYS))}")
+    kind = header.get("kind", "pruning")
+    if kind not in KINDS:
+        raise HarnessError(f"recipe {path}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     unknown = sorted(set(header) - HEADER_KEYS)
-    missing = sorted({"backend", "recipe"} - set(header))
+    missing = sorted(({"recovery"} if kind == "recovery" else {"backend", "recipe"}) - set(header))
     if unknown or missing:
         problem = f"unknown keys {', '.join(unknown)}" if unknown else f"missing keys {', '.join(missing)}"
         raise HarnessError(f"recipe {path}: {problem}")
-    if header["backend"] not in backend_names():
+    if (kind != "recovery" or "backend" in header) and header["backend"] not in backend_names():
         raise HarnessError(f"recipe {path}: unknown backend '{header['backend']}' "
                            f"(available: {', '.join(backend_names())})")
     targets = header.get("targets", "default")
     if targets != "default" and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise HarnessError(f"recipe {path}: targets must be 'default' or a list of regexes")
-    body = header["recipe"]
+    body = header.get("recipe", "")
     if not isinstance(body, str):
         body = yaml.safe_dump(body, sort_keys=False)
     recipe_name = name if not name.endswith((".yaml", ".yml")) else path.stem
-    if header.get("kind", "pruning") not in KINDS:
-        raise HarnessError(f"recipe {path}: kind must be one of {', '.join(KINDS)}, got {header['kind']!r}")
     return Recipe(
-        name=recipe_name, path=path, text=text, backend=header["backend"],
+        name=recipe_name, path=path, text=text, backend=header.get("backend", ""),
         description=header.get("description", ""),
         architectures=tuple(header.get("architectures") or ("encoder", "decoder", "encoder-decoder")),
         targets=targets, calibration_header=_section(header, "calibration", path) or {},
         recovery_header=_section(header, "recovery", path), params=dict(header.get("params") or {}), body=body,
-        defaults=dict(header.get("params") or {}), kind=header.get("kind", "pruning"),
+        defaults=dict(header.get("params") or {}), kind=kind,
     )
 
 

@@ -60,6 +60,13 @@ def recipe_file(tmp_path, name: str, backend: str, params: str = "{}", samples: 
      "ramp, init_sparsity, mask_updates, mask_type)"),
     ("tiny-gpt2", GRADUAL, ["--set", "ramp=1.5"], "recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)"),
     ("tiny-gpt2", GRADUAL, ["--set", "steps"], "--set expects name=value, got 'steps'"),
+    ("tiny-gpt2", "common/distil", [], "recipe common/distil recovers: compose it after a pruning recipe, "
+                                       "e.g. sparseml/oneshot-magnitude+distil"),
+    ("tiny-gpt2", "sparseml/oneshot-magnitude+int8+distil", [], "recipe sparseml/oneshot-magnitude+int8+distil: steps "
+     "compose as pruning, then recovery, then quantization, each at most once"),
+    ("tiny-gpt2", f"{GRADUAL}+distil", [], f"recipe {GRADUAL}+distil: {GRADUAL} trains already (its own recovery section)"),
+    ("tiny-gpt2", "sparseml/sparsegpt-recover@lr=0.001", [], "recipe sparseml/sparsegpt-recover is now "
+     "sparseml/oneshot-sparsegpt+distil (the same steps, composed)"),
     ("tiny-deberta", "sparseml/oneshot-magnitude", ["--set", "mask_type=block3"],
      "recipe sparseml/oneshot-magnitude@mask_type=block3: Unknown mask_type block3. Supported mask types include "
      "'unstructured' and 'block4'"),

@@ -126,12 +126,12 @@ def test_bad_plans_are_one_clear_line():
         recovery.RecoveryPlan(lengths="short").check()
     with pytest.raises(HarnessError, match="control=true with kl_weight 1 distils the dense model into itself"):
         recovery.RecoveryPlan(control=True).check()
-    assert controls(["sparseml/magnitude-recover"]) == []  # pure distillation: no control
+    assert controls(["sparseml/oneshot-magnitude+distil"]) == []  # pure distillation: no control
     with pytest.raises(HarnessError, match="precision must be one of auto, fp32, bf16"):
         recovery.RecoveryPlan(precision="fp16").check()
 
 
-RECOVER = "sparseml/magnitude-recover"
+RECOVER = "sparseml/oneshot-magnitude+distil"
 SMALL = {"tokens": 12 * 2 * 32, "train_seq_len": 32, "batch_size": 2, "accumulation": 1, "lr": 3e-3,
          "checkpoint_minutes": 0.0}
 
@@ -173,6 +173,21 @@ def test_prune_with_recovery_resumes_after_an_interruption_to_the_uninterrupted_
     precision = recovery.resolved_precision(recovery.RecoveryPlan())  # the recipe's auto, on this machine
     assert f"| fineweb | {precision} | {number(SMALL['tokens'])} | 12 | {number(curve[0]['loss'])} |" in row
     assert "recovery loss curves" in section
+
+
+def test_a_recovery_step_starts_from_the_finished_one_shot_run_and_keeps_its_mask():
+    from harness import prune
+    from harness.layout import RECOVERY_FILE, SPARSITY_FILE, Sparsity
+    from harness.rundir import read_json
+
+    one_shot = prune.prune("tiny-gpt2", 50, "sparseml/oneshot-magnitude")
+    recovered = prune.prune("tiny-gpt2", 50, RECOVER, {**SMALL, "tokens": 4 * 2 * 32})
+    assert recovered.stage_record("prune")["started_from"] == str(one_shot.path)
+    assert len(read_json(recovered.path / RECOVERY_FILE)["curve"]) == 4
+    before, after = saved_weights(one_shot), saved_weights(recovered)
+    targets = recovered.read(SPARSITY_FILE, Sparsity).prunable_tensors
+    assert all(torch.equal(after[name] == 0, before[name] == 0) for name in targets)  # the one-shot mask, kept
+    assert any(not torch.equal(after[name], before[name]) for name in targets)  # and trained
 
 
 def test_calibration_reads_full_length_training_sequences_capped_by_the_context():

@@ -213,21 +213,21 @@ def test_unknown_model_is_one_clear_error(swept):
 
 
 @pytest.mark.parametrize("recipe,family", [
-    ("sparseml/magnitude-recover@tokens=5000000,lr=0.005", "sparseml/magnitude-recover@lr=0.005"),
-    ("sparseml/magnitude-recover@lr=0.005,tokens=1250000", "sparseml/magnitude-recover@lr=0.005"),
-    ("sparseml/magnitude-recover@tokens=400000", "sparseml/magnitude-recover"),
+    ("sparseml/oneshot-magnitude+distil@tokens=5000000,lr=0.005", "sparseml/oneshot-magnitude+distil@lr=0.005"),
+    ("sparseml/oneshot-magnitude+distil@lr=0.005,tokens=1250000", "sparseml/oneshot-magnitude+distil@lr=0.005"),
+    ("sparseml/oneshot-magnitude+distil@tokens=400000", "sparseml/oneshot-magnitude+distil"),
     ("sparseml/gradual-magnitude@lr=0.005,tokens=1,ramp=0.5", "sparseml/gradual-magnitude@lr=0.005,ramp=0.5"),
-    ("sparseml/magnitude-recover@max_tokens=3", "sparseml/magnitude-recover@max_tokens=3"),
+    ("sparseml/oneshot-magnitude+distil@max_tokens=3", "sparseml/oneshot-magnitude+distil@max_tokens=3"),
 ])
 def test_runs_that_differ_only_in_their_budget_share_an_accuracy_vs_tokens_line(recipe, family):
     assert budget_family(recipe) == family
 
 
 def test_long_legend_labels_wrap_after_separators_and_keep_their_text():
-    name = "sparseml/sparsegpt-recover@accumulation=2,batch_size=16,lr=0.005,trainable=targets+norms+biases 90 %"
+    name = "sparseml/oneshot-sparsegpt+distil@accumulation=2,batch_size=16,lr=0.005,trainable=targets+norms+biases 90 %"
     lines = wrapped(name, width=40).split("\n")
     assert len(lines) == 3 and all(len(line) <= 40 for line in lines)
-    assert lines[0] == "sparseml/sparsegpt-recover@"
+    assert lines[0] == "sparseml/oneshot-sparsegpt+distil@"
     assert re.sub(r"\s", "", "".join(lines)) == re.sub(r"\s", "", name)
     assert wrapped("DeepSparse") == "DeepSparse"
 

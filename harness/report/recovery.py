@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.recipes import variant_name, variant_params
+from harness.errors import HarnessError
+from harness.recipes import earlier_steps, variant_name, variant_params
 from harness.report.accuracy import accuracy_points, dense_value
 from harness.report.format import number, run_link, table
 from harness.report.plotting import DENSE_LINE, PlotSet, recipe_styles, wrapped
@@ -34,19 +35,33 @@ def budget_family(recipe: str) -> str:
     return variant_name(base, params)
 
 
+def one_shot_recipe(recipe: str) -> str | None:
+    """The pruning recipe a recovery step composes after (`a/b+distil@x=1` -> `a/b@x=1`, if `x` is a's), or None."""
+    try:
+        steps = earlier_steps(recipe)
+    except HarnessError:  # a run of a recipe since renamed or removed
+        return None
+    return steps[-1] if steps else None
+
+
 def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
     """One panel per benchmark metric: accuracy against recovery tokens, a line per recipe family and level,
-    the dense baseline dashed. False (nothing drawn) when no recovered pruned run has been evaluated."""
+    starting at 0 tokens from the one-shot run it recovered (if evaluated), the dense baseline dashed. False
+    (nothing drawn) when no recovered pruned run has been evaluated."""
     from harness import plots
 
     panels = {}
     for benchmark, metrics in accuracy_points(models).items():
         for metric, series in metrics.items():
             lines: dict = {}
+            values = {(recipe, run.level): entry.value for recipe, entries in series.items() for run, entry in entries}
             for recipe, entries in series.items():
                 for run, entry in entries:
                     if run.level > 0 and run.recovery:
-                        lines.setdefault((budget_family(recipe), run.level), []).append((run.recovery.tokens, entry.value))
+                        line = lines.setdefault((budget_family(recipe), run.level), set())
+                        line.add((run.recovery.tokens, entry.value))
+                        if (one_shot_recipe(recipe), run.level) in values:  # where the training started
+                            line.add((0, values[one_shot_recipe(recipe), run.level]))
             if lines:
                 panels[f"{benchmark}: {metric}"] = (lines, dense_value(series))
     if not panels:
@@ -54,7 +69,7 @@ def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
     with plots.figure(path, panels=len(panels), panel_width=6.0) as (fig, axes):
         for ax, (title, (lines, dense)) in zip(axes, panels.items()):
             for (family, level), points in sorted(lines.items()):
-                points.sort()
+                points = sorted(points)
                 ax.plot([tokens / 1e6 for tokens, _ in points], [value for _, value in points], marker="o",
                         label=wrapped(f"{family} {level_name(level)} %"))
             if dense:
@@ -68,7 +83,7 @@ def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
 def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
     runs = [run for run in models.runs if run.recovery]
     if not runs:
-        return ["No run of this model has a recovery recipe (`sparseml/*-recover`): one-shot results only.", ""]
+        return ["No run of this model has a recovery step (`<pruning>+distil`): one-shot results only.", ""]
     lines = ["Runs whose recipe distils the dense model into the pruned one afterwards, with the mask fixed "
              "(their accuracy is in the accuracy section, beside the one-shot recipes at the same levels). "
              "Loss: KL to the dense model's logits (or embedding cosine + MSE for headless encoders), "
