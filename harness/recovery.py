@@ -11,7 +11,8 @@ counts `seq_len` slots per sequence; the curve counts the real tokens), AdamW wi
 loss: for models with logits (decoders, encoder-decoders, classifiers), temperature-scaled KL from
 the teacher's distribution, mixed with the model's own language-modelling loss by `kl_weight`; for
 headless encoders (MiniLM), one minus the cosine of the mean-pooled embeddings plus the mean squared
-error of the last hidden states (both over the real tokens). Every pruned weight stays exactly zero: its mask is re-applied after
+error of the last hidden states (both over the real tokens). With `hidden_weight` > 0, a layer-wise
+term is added: every layer's hidden states pulled towards the teacher's (SquareHead, `squarehead_loss`). Every pruned weight stays exactly zero: its mask is re-applied after
 each optimizer step. A gradual recipe passes its backend's `Hooks` instead: they run around every step
 and own the masks (the sparsity ramps over the first `ramp` of the steps, then stays fixed).
 
@@ -59,6 +60,7 @@ class RecoveryPlan:
     weight_decay: float = 0.0
     temperature: float = 2.0
     kl_weight: float = 1.0  # models with logits: 1 = pure distillation, 0 = pure language modelling
+    hidden_weight: float = 0.0  # weight of the layer-wise hidden-state term (SquareHead) added to the loss
     trainable: str = "targets"  # or "targets+norms+biases"
     precision: str = "auto"  # bf16: mixed precision (fp32 weights and optimizer, bf16 matrix products)
     lengths: str = "auto"  # training sequences: fixed (seq_len tokens), mixed (wrapped spans), auto
@@ -89,6 +91,8 @@ class RecoveryPlan:
             raise HarnessError(f"recovery: mixed lengths need seq_len of at least {MIN_MIXED_LEN}, got {self.seq_len}")
         if not 0 <= self.kl_weight <= 1 or not 0 <= self.warmup < 1 or not 0 <= self.ramp <= 1:
             raise HarnessError("recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)")
+        if self.hidden_weight < 0:
+            raise HarnessError(f"recovery: hidden_weight must be 0 or more, got {self.hidden_weight}")
         if self.control and self.kl_weight == 1:
             raise HarnessError("recovery: control=true with kl_weight 1 distils the dense model into itself, which "
                                "leaves it as it is: set kl_weight below 1, so the control also learns the training "
@@ -157,7 +161,34 @@ def _learning_rate(plan: RecoveryPlan, step: int) -> float:
     return plan.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def hidden_states(output) -> list[torch.Tensor]:
+    """Each layer's output in a forward run with `output_hidden_states` (both stacks of an encoder-decoder)."""
+    return [state for key in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+            for state in (getattr(output, key, None) or ())[1:]]  # [0] is the embeddings
+
+
+def squarehead_loss(student_out, teacher_out, batch: dict) -> torch.Tensor:
+    """SquareHead (Kurtic et al. 2023, "Sparse Fine-tuning for Inference Acceleration of LLMs"): per layer, the
+    squared error to the teacher's hidden states over the teacher's squared norm (so every layer counts
+    alike, whatever its scale), averaged over the layers; padding is no target."""
+    mask = batch["attention_mask"]
+    losses = []
+    for student, teacher in zip(hidden_states(student_out), hidden_states(teacher_out), strict=True):
+        weight = mask.unsqueeze(-1).float() if mask.shape == student.shape[:2] else torch.ones(1)
+        teacher = teacher.float()
+        losses.append(((student.float() - teacher) ** 2 * weight).sum() / (teacher ** 2 * weight).sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
 def distillation_loss(student_out, teacher_out, batch: dict, plan: RecoveryPlan) -> torch.Tensor:
+    """The output term (below), plus `hidden_weight` x the layer-wise hidden-state term."""
+    loss = output_loss(student_out, teacher_out, batch, plan)
+    if plan.hidden_weight:
+        loss = loss + plan.hidden_weight * squarehead_loss(student_out, teacher_out, batch)
+    return loss
+
+
+def output_loss(student_out, teacher_out, batch: dict, plan: RecoveryPlan) -> torch.Tensor:
     logits = getattr(student_out, "logits", None)
     if logits is not None:
         temperature = plan.temperature
@@ -286,8 +317,9 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
             seen += int(batch["attention_mask"].sum())
             with autocast:
                 with torch.no_grad():
-                    teacher_out = teacher(**batch)
-                loss = distillation_loss(student(**batch), teacher_out, batch, plan) / plan.accumulation
+                    teacher_out = teacher(**batch, output_hidden_states=bool(plan.hidden_weight))
+                student_out = student(**batch, output_hidden_states=bool(plan.hidden_weight))
+                loss = distillation_loss(student_out, teacher_out, batch, plan) / plan.accumulation
             loss.backward()
             total += float(loss.detach())
         hooks.before_optimizer_step(step)

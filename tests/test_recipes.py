@@ -56,7 +56,7 @@ def recipe_file(tmp_path, name: str, backend: str, params: str = "{}", samples: 
      "recipe inc/oneshot-magnitude: parameter pattern must be a string like its default '1x1', got 4"),
     ("tiny-gpt2", GRADUAL, ["--set", "steps=8", "--set", "hold=8"],
      "recipe sparseml/gradual-magnitude has no parameter hold, steps (it has: corpus, tokens, train_seq_len, "
-     "batch_size, accumulation, lr, temperature, kl_weight, trainable, precision, lengths, checkpoint_minutes, control, "
+     "batch_size, accumulation, lr, temperature, kl_weight, hidden_weight, trainable, precision, lengths, checkpoint_minutes, control, "
      "ramp, init_sparsity, mask_updates, mask_type)"),
     ("tiny-gpt2", GRADUAL, ["--set", "ramp=1.5"], "recovery: kl_weight and ramp must be in [0, 1] and warmup in [0, 1)"),
     ("tiny-gpt2", GRADUAL, ["--set", "steps"], "--set expects name=value, got 'steps'"),

@@ -31,10 +31,11 @@ def pruned_pair(alias: str):
     return loaded.model, teacher, loaded.tokenizer, loaded.spec.architecture, targets
 
 
-@pytest.mark.parametrize("alias, precision", [("tiny-gpt2", "fp32"), ("tiny-gpt2", "bf16"), ("tiny-m2m100", "bf16")])
-def test_loss_falls_and_the_mask_stays_fixed(alias, precision, tmp_path):
+@pytest.mark.parametrize("alias, precision, hidden_weight", [
+    ("tiny-gpt2", "fp32", 0.0), ("tiny-gpt2", "bf16", 0.0), ("tiny-m2m100", "bf16", 0.0), ("tiny-m2m100", "bf16", 1.0)])
+def test_loss_falls_and_the_mask_stays_fixed(alias, precision, hidden_weight, tmp_path):
     student, teacher, tokenizer, architecture, targets = pruned_pair(alias)
-    plan = dataclasses.replace(PLAN, precision=precision)
+    plan = dataclasses.replace(PLAN, precision=precision, hidden_weight=hidden_weight)
     params = dict(student.named_parameters())
     zeros = {name: params[name] == 0 for name in targets}
     untouched = {n: p.detach().clone() for n, p in params.items() if n not in targets}
@@ -88,6 +89,31 @@ def test_encoders_train_on_mixed_length_spans_in_their_special_tokens_and_paddin
     hidden[batch["attention_mask"] == 0] += 5.0  # what the model computes at padding is no target
     moved = type(teacher_out)(last_hidden_state=hidden)
     assert float(recovery.distillation_loss(moved, teacher_out, batch, plan)) == pytest.approx(0, abs=1e-6)
+
+
+def test_the_hidden_state_term_covers_every_layer_relative_to_its_scale_and_skips_padding():
+    loaded = load.load_model("minilm")
+    batch = dict(loaded.tokenizer(["a sentence to embed", "and another one, longer than the first"],
+                                  padding=True, return_tensors="pt"))
+    student, _, _, _, _ = pruned_pair("minilm")
+    with torch.no_grad():
+        teacher_out = loaded.model(**batch, output_hidden_states=True)
+        student_out = student(**batch, output_hidden_states=True)
+    layers = recovery.hidden_states(teacher_out)
+    assert len(layers) == loaded.model.config.num_hidden_layers
+    assert float(recovery.squarehead_loss(teacher_out, teacher_out, batch)) == 0
+    term = float(recovery.squarehead_loss(student_out, teacher_out, batch))
+    assert term > 0
+    scaled = [type(out)(last_hidden_state=out.last_hidden_state, hidden_states=tuple(10 * h for h in out.hidden_states))
+              for out in (student_out, teacher_out)]
+    assert float(recovery.squarehead_loss(*scaled, batch)) == pytest.approx(term, rel=1e-5)  # relative to scale
+    padding = (batch["attention_mask"] == 0).unsqueeze(-1)
+    moved = type(teacher_out)(last_hidden_state=teacher_out.last_hidden_state,
+                              hidden_states=tuple(h + 5.0 * padding for h in teacher_out.hidden_states))
+    assert float(recovery.squarehead_loss(moved, teacher_out, batch)) == pytest.approx(0, abs=1e-6)
+    plan = dataclasses.replace(PLAN, hidden_weight=0.5)
+    assert float(recovery.distillation_loss(student_out, teacher_out, batch, plan)) == pytest.approx(
+        float(recovery.distillation_loss(student_out, teacher_out, batch, PLAN)) + 0.5 * term, rel=1e-5)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
