@@ -2,9 +2,10 @@
 
 The run directory is built in a temporary sibling and renamed into place at the end, so an
 interrupted or failed prune never leaves a half-written run. Level 0 is the dense baseline: the
-model is saved unchanged. A recipe with a recovery step (`<pruning>+distil`) then distils the dense model
-into the pruned one (`harness.recovery`); its state is checkpointed beside the run (`RunDir.resume_dir`), so the same
-command after an interruption goes on from the last checkpoint, and its loss curve is saved in the run.
+model is saved unchanged. A recipe with a recovery step (`<pruning>+distil`) then distils the dense
+model into the pruned one (`harness.recovery`); its state is checkpointed beside the run
+(`RunDir.resume_dir`), so the same command after an interruption goes on from the last checkpoint, and
+its loss curve is saved in the run.
 A composed recipe (`<pruning>+distil+int8`) starts from the finished, current run of its longest earlier
 part (`<pruning>+distil`, else `<pruning>`) instead of pruning and training again.
 """

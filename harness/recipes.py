@@ -1,4 +1,4 @@
-"""Pruning recipes: YAML files under `recipes/<backend>/<name>.yaml`, named `<backend>/<name>`.
+"""Recipes: YAML files under `recipes/<backend>/<name>.yaml` (and `recipes/common/`), named `<backend>/<name>`.
 
 A recipe file has a short harness header and, under `recipe:`, the backend's own recipe text
 (a SparseML recipe, an INC `WeightPruningConfig`), so SparseML and INC users recognise it:
@@ -17,10 +17,11 @@ A recipe with some parameters changed is a variant of its own name, `<backend>/<
 (e.g. `sparseml/oneshot-wanda@allocation=owl`): a recipe name accepts that form, `--set` gives the same
 name, and its runs live in their own directory beside the defaults' runs.
 
-A pruning recipe is composed with later steps by `+`: `<backend>/<pruning>[+<recovery>][+<quantization>][@<param>=<value>,...]`,
-e.g. `sparseml/oneshot-sparsegpt+distil+int8`. A step's recipe says its `kind:` (`recovery`: a `recovery`
-section and no backend body, e.g. `recipes/common/distil.yaml`; `quantization`: e.g. `recipes/sparseml/int8.yaml`)
-and is looked up in the pruning recipe's backend directory, then in `recipes/common/` (steps for every
+A pruning recipe is composed with later steps by `+`:
+`<backend>/<pruning>[+<recovery>][+<quantization>][@<param>=<value>,...]`, e.g.
+`sparseml/oneshot-sparsegpt+distil+int8`. A step's recipe says its `kind:` (`recovery`: a `recovery`
+section and no backend body, e.g. `recipes/common/distil.yaml`; `quantization`: e.g.
+`recipes/sparseml/int8.yaml`) and is looked up in the pruning recipe's backend directory, then in `recipes/common/` (steps for every
 backend, whose header names none). The prune stage runs the steps in that order (`harness.recovery`, then
 `harness.quantize`), and starts from the finished run of the longest earlier part (`earlier_steps`): a
 recovery experiment reuses its one-shot run, an INT8 one its FP32 run. The variant's parameters are those of
