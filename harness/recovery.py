@@ -12,8 +12,8 @@ loss: for models with logits (decoders, encoder-decoders, classifiers), temperat
 the teacher's distribution, mixed with the model's own language-modelling loss by `kl_weight`; for
 headless encoders (MiniLM), one minus the cosine of the mean-pooled embeddings plus the mean squared
 error of the last hidden states (both over the real tokens). With `hidden_weight` > 0, a layer-wise
-term is added: every layer's hidden states pulled towards the teacher's (SquareHead, `squarehead_loss`). Every pruned weight stays exactly zero: its mask is re-applied after
-each optimizer step. A gradual recipe passes its backend's `Hooks` instead: they run around every step
+term is added: every layer's hidden states pulled towards the teacher's (SquareHead, `squarehead_loss`).
+Every pruned weight stays exactly zero: its mask is re-applied after each optimizer step. A gradual recipe passes its backend's `Hooks` instead: they run around every step
 and own the masks (the sparsity ramps over the first `ramp` of the steps, then stays fixed).
 
 A long run checkpoints its state (trained weights, optimizer, step, loss curve, RNG) every

@@ -223,6 +223,28 @@ def test_runs_that_differ_only_in_their_budget_share_an_accuracy_vs_tokens_line(
     assert budget_family(recipe) == family
 
 
+def test_a_recovered_runs_accuracy_line_starts_at_its_one_shot_run(scratch):
+    """Two recovery budgets of one family, made from the swept one-shot run (JSON only, known values)."""
+    from harness.layout import CurvePoint, Recovery, to_json
+    from harness.report.recovery import accuracy_vs_tokens
+    from harness.report.runs import collect
+    from harness.rundir import RunDir, write_json
+
+    one_shot = RunDir(MODEL, "sparseml/oneshot-magnitude", 50)
+    one_shot_acc = json.loads((one_shot.path / "eval.json").read_text())["benchmarks"][BENCHMARK]["metrics"]["acc"]["value"]
+    for tokens, acc in ((3000, 0.75), (1000, 0.5)):
+        run = RunDir(MODEL, f"sparseml/oneshot-magnitude+distil@lr=0.01,tokens={tokens}", 50)
+        shutil.copytree(one_shot.path, run.path)
+        for name, change in (("manifest.json", lambda m: {**m, "recipe": run.recipe}),
+                             ("eval.json", lambda e: e["benchmarks"][BENCHMARK]["metrics"]["acc"].update(value=acc) or e)):
+            write_json(run.path / name, change(json.loads((run.path / name).read_text())))
+        write_json(run.path / "recovery.json", to_json(Recovery(plan={}, curve=[CurvePoint(1, tokens, 1.0)],
+                                                                tokens=tokens, steps=1, wall_time_s=1.0)))
+    lines, dense = accuracy_vs_tokens(collect(MODEL))[f"{BENCHMARK}: acc"]
+    assert lines == {("sparseml/oneshot-magnitude+distil@lr=0.01", 50.0): [(0, one_shot_acc), (1000, 0.5), (3000, 0.75)]}
+    assert dense[0].level == 0
+
+
 def test_long_legend_labels_wrap_after_separators_and_keep_their_text():
     name = "sparseml/oneshot-sparsegpt+distil@accumulation=2,batch_size=16,lr=0.005,trainable=targets+norms+biases 90 %"
     lines = wrapped(name, width=40).split("\n")

@@ -44,12 +44,10 @@ def one_shot_recipe(recipe: str) -> str | None:
     return steps[-1] if steps else None
 
 
-def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
-    """One panel per benchmark metric: accuracy against recovery tokens, a line per recipe family and level,
-    starting at 0 tokens from the one-shot run it recovered (if evaluated), the dense baseline dashed. False
-    (nothing drawn) when no recovered pruned run has been evaluated."""
-    from harness import plots
-
+def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, float] | None]]:
+    """{"<benchmark>: <metric>": ({(recipe family, level): [(tokens, value)] in token order}, dense baseline)}: a line
+    per family of recovered runs (`budget_family`) and level, starting at 0 tokens from the one-shot run it
+    recovered when that run was evaluated."""
     panels = {}
     for benchmark, metrics in accuracy_points(models).items():
         for metric, series in metrics.items():
@@ -63,13 +61,22 @@ def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
                         if (one_shot_recipe(recipe), run.level) in values:  # where the training started
                             line.add((0, values[one_shot_recipe(recipe), run.level]))
             if lines:
-                panels[f"{benchmark}: {metric}"] = (lines, dense_value(series))
+                panels[f"{benchmark}: {metric}"] = ({key: sorted(points) for key, points in lines.items()},
+                                                    dense_value(series))
+    return panels
+
+
+def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
+    """`accuracy_vs_tokens`, one panel per benchmark metric, the dense baseline dashed. False (nothing drawn)
+    when no recovered pruned run has been evaluated."""
+    from harness import plots
+
+    panels = accuracy_vs_tokens(models)
     if not panels:
         return False
     with plots.figure(path, panels=len(panels), panel_width=6.0) as (fig, axes):
         for ax, (title, (lines, dense)) in zip(axes, panels.items()):
             for (family, level), points in sorted(lines.items()):
-                points = sorted(points)
                 ax.plot([tokens / 1e6 for tokens, _ in points], [value for _, value in points], marker="o",
                         label=wrapped(f"{family} {level_name(level)} %"))
             if dense:
