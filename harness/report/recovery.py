@@ -58,8 +58,9 @@ def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, fl
                     if run.level > 0 and run.recovery:
                         line = lines.setdefault((budget_family(recipe), run.level), set())
                         line.add((run.recovery.tokens, entry.value))
-                        if (one_shot_recipe(recipe), run.level) in values:  # where the training started
-                            line.add((0, values[one_shot_recipe(recipe), run.level]))
+                        start = (one_shot_recipe(recipe), run.level)  # where the training started
+                        if start in values:
+                            line.add((0, values[start]))
             if lines:
                 panels[f"{benchmark}: {metric}"] = ({key: sorted(points) for key, points in lines.items()},
                                                     dense_value(series))
