@@ -35,7 +35,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from harness import corpus, timing
+from harness import corpus, environment, timing
 from harness.errors import HarnessError
 from harness.evaluators.onnx_engine import pad_right
 from harness.layout import CurvePoint, Recovery
@@ -303,6 +303,8 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
     batches = Batches(tokenizer, plan, architecture, has_labels)
     teacher.eval()
     student.train()
+    if 2 * needed <= available:  # faster steps for up to ~40 % more peak memory (keep_freed_memory)
+        environment.keep_freed_memory()
     started, last_save = time.time(), time.time()
     seen = seen_before = curve[-1].tokens if curve else 0
     progress = tqdm(range(start_step, plan.steps), initial=start_step, total=plan.steps, unit="step",

@@ -119,6 +119,31 @@ def test_the_cli_sets_the_library_environment_before_it_imports_a_stage(capsys, 
     assert seen == {**environment.DEFAULTS, "TOKENIZERS_PARALLELISM": "true"}
 
 
+
+FAULTS_OF_A_REALLOCATION = """
+import ctypes, resource, sys
+from harness import environment
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    environment.keep_freed_memory()
+for _ in range(2):  # 256 MB, written, freed; then the same again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(2**28)
+    ctypes.memset(block, 1, 2**28)
+    libc.free(block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_serves_a_freed_large_block_again_without_new_pages():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION, mode], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parent.parent)
+        return int(out.stdout)
+    assert faults("default") > 2**28 // 4096 // 2  # a fresh mapping each time: the kernel faults in its pages
+    assert faults("keep") < 1000
+
 def test_hub_model_missing_offline_says_how_to_get_it(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
