@@ -287,3 +287,24 @@ def test_an_int8_run_is_compared_with_its_fp32_run_at_the_same_level():
     assert quantization_cost("wikitext2 word_perplexity", int8, values, series) == [
         f"- wikitext2 word_perplexity, `{int8}` at 50 %: INT8 84 vs FP32 80 (`{fp32}@samples=16`), +5.0 %."]
     assert quantization_cost("wikitext2 word_perplexity", f"{fp32}@samples=16", [], series) == []
+
+
+def test_a_run_of_an_earlier_or_a_renamed_recipe_is_marked_outdated_and_still_reported(scratch):
+    manifest = scratch / RECIPES[0] / "50" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "recipe_text": data["recipe_text"] + "\n# an earlier version\n"}))
+    renamed = scratch / "sparseml" / "magnitude-recover+int8" / "50"  # a name from before recovery composed
+    shutil.copytree(scratch / RECIPES[0] / "50", renamed)
+    (renamed / "manifest.json").write_text(json.dumps({**data, "recipe": "sparseml/magnitude-recover+int8"}))
+
+    markdown = report.report([MODEL])[0].read_text()  # a renamed recipe's INT8 run has no FP32 run to compare
+    assert (f"- `{RECIPES[0]}` level 50 %, prune: outdated, pruned with an earlier version of its recipe (its "
+            f"files or defaults changed since): run `make prune MODEL={MODEL} LEVEL=50 RECIPE={RECIPES[0]}` again"
+            in markdown)
+    assert ("- `sparseml/magnitude-recover+int8` level 50 %, prune: outdated, recipe sparseml/magnitude-recover "
+            "is now sparseml/oneshot-magnitude+distil@accumulation=2,batch_size=16,train_seq_len=128 (the same steps, "
+            "composed)" in markdown)
+    coverage = markdown.split("## Runs and gaps")[1].split("## ")[0]
+    cells = {tuple(row[:2]): row[2] for row in table_rows(coverage) if len(row) > 2}
+    assert cells[(RECIPES[0], "50")] == cells[("sparseml/magnitude-recover+int8", "50")] == "outdated"
+    assert cells[(RECIPES[0], "0")] == cells[(RECIPES[1], "50")] == "done"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.layout import BENCH_FILE, EVAL_FILE
+from harness.errors import HarnessError
 from harness.recipes import unquantized, variant_name, variant_params
 from harness.report.accuracy import accuracy_points, benchmark_directions, dense_value, higher_is_better
 from harness.report.format import number, percent
@@ -101,7 +102,10 @@ def accuracy_challenges(models: ModelRuns, threshold: float) -> list[str]:
 
 def quantization_cost(metric: str, recipe: str, values: list[tuple[Run, float]], series: dict) -> list[str]:
     """A composed INT8 recipe's metric against its FP32 pruning recipe's at the same level: what quantizing costs."""
-    fp32 = unquantized(recipe)
+    try:
+        fp32 = unquantized(recipe)
+    except HarnessError:  # a run of a recipe since renamed or removed (the coverage section says so)
+        return []
     fp32_values = {run.level: entry.value for run, entry in series.get(fp32, [])} if fp32 != recipe else {}
     return [f"- {metric}, `{recipe}` at {level_name(run.level)} %: INT8 {number(value)} vs FP32 "
             f"{number(fp32_values[run.level])} (`{fp32}`), {relative_change(value, fp32_values[run.level]):+.1f} %."

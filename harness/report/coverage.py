@@ -1,9 +1,10 @@
-"""Runs and gaps: which stage outputs each run holds, and the command that fills each one missing or failed."""
+"""Runs and gaps: which stage outputs each run holds, and the command that fills each one missing, failed or
+outdated (pruned with an earlier version of its recipe)."""
 from __future__ import annotations
 
 from harness.layout import STAGE_OUTPUTS
 from harness.report.format import make_target, run_link, table
-from harness.report.runs import ModelRuns, Run
+from harness.report.runs import EARLIER_RECIPE, ModelRuns, Run
 from harness.rundir import level_name
 
 
@@ -11,6 +12,10 @@ def gaps(models: ModelRuns) -> list[tuple[Run, str, bool, str]]:
     """(run, stage, failed?, what is wrong) for every expected stage output that is missing or failed."""
     found = []
     for run in models.runs:
+        outdated = run.outdated()
+        if outdated:  # a recipe that is gone says itself what to do
+            again = f": run `{make_target('prune', models.name, run)}` again" if outdated == EARLIER_RECIPE else ""
+            found.append((run, "prune", False, f"outdated, {outdated}{again}"))
         for stage in [stage for stage in models.expected_stages() if models.expects(run, stage)]:
             record = run.ledger.get(stage, {})
             status = record.get("status")
@@ -52,8 +57,8 @@ def section_coverage(models: ModelRuns) -> list[str]:
         cells = []
         for stage in stages:
             status = run.ledger.get(stage, {}).get("status")
-            cells.append("FAILED" if status == "failed" else "done" if run.has(stage)
-                         else "missing" if models.expects(run, stage) else "not asked")
+            cells.append("FAILED" if status == "failed" else "outdated" if stage == "prune" and run.outdated()
+                         else "done" if run.has(stage) else "missing" if models.expects(run, stage) else "not asked")
         rows.append([run.recipe, level_name(run.level), *cells, run_link(run)])
     lines += table(["recipe", "level %", *stages, "run directory"], rows)
     found = gap_lines(models)

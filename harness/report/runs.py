@@ -2,15 +2,18 @@
 (layout's types) and its entries in the sweep ledger, plus the runs the ledger names that were never created."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import layout
 from harness.errors import HarnessError
 from harness.paths import runs_dir
+from harness.recipes import load_recipe
 from harness.rundir import RunDir, read_json, safe_name
 
 REPORTED_STAGES = ("prune", "analyze", "bench", "eval")  # the stages whose outputs the report reads
+EARLIER_RECIPE = "pruned with an earlier version of its recipe (its files or defaults changed since)"
 
 
 @dataclass
@@ -58,6 +61,20 @@ class Run:
 
     def stage_record(self, stage: str) -> dict:
         return self.manifest.get("stages", {}).get(stage) or {}
+
+    def outdated(self) -> str | None:
+        """Why the run no longer matches its recipe as the recipe files are now (so `make prune` would redo
+        it), or None: pruned with another recipe text or other parameters, or a recipe that is gone."""
+        if "recipe_text" not in self.manifest:
+            return None  # never created, or not a prune stage's run
+        try:
+            recipe = load_recipe(self.manifest["recipe"])
+        except HarnessError as exc:
+            return str(exc)
+        if recipe.text != self.manifest["recipe_text"] or \
+                json.loads(json.dumps(recipe.params)) != self.manifest.get("params"):
+            return EARLIER_RECIPE
+        return None
 
 
 @dataclass
