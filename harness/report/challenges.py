@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.layout import BENCH_FILE, EVAL_FILE
 from harness.errors import HarnessError
+from harness.layout import BENCH_FILE, EVAL_FILE
 from harness.recipes import unquantized, variant_name, variant_params
 from harness.report.accuracy import accuracy_points, benchmark_directions, dense_value, higher_is_better
 from harness.report.format import number, percent

@@ -9,7 +9,8 @@ from harness.rundir import level_name
 
 
 def gaps(models: ModelRuns) -> list[tuple[Run, str, bool, str]]:
-    """(run, stage, failed?, what is wrong) for every expected stage output that is missing or failed."""
+    """(run, stage, failed?, what is wrong) for every expected stage output that is missing or failed, and every
+    run that is outdated."""
     found = []
     for run in models.runs:
         outdated = run.outdated()
