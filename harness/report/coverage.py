@@ -13,7 +13,7 @@ def gaps(models: ModelRuns) -> list[tuple[Run, str, bool, str]]:
     run that is outdated."""
     found = []
     for run in models.runs:
-        outdated = run.outdated()
+        outdated = run.outdated
         if outdated:  # a recipe that is gone says itself what to do
             again = f": run `{make_target('prune', models.name, run)}` again" if outdated == EARLIER_RECIPE else ""
             found.append((run, "prune", False, f"outdated, {outdated}{again}"))
@@ -58,7 +58,7 @@ def section_coverage(models: ModelRuns) -> list[str]:
         cells = []
         for stage in stages:
             status = run.ledger.get(stage, {}).get("status")
-            cells.append("FAILED" if status == "failed" else "outdated" if stage == "prune" and run.outdated()
+            cells.append("FAILED" if status == "failed" else "outdated" if stage == "prune" and run.outdated
                          else "done" if run.has(stage) else "missing" if models.expects(run, stage) else "not asked")
         rows.append([run.recipe, level_name(run.level), *cells, run_link(run)])
     lines += table(["recipe", "level %", *stages, "run directory"], rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from harness import layout
@@ -62,6 +63,7 @@ class Run:
     def stage_record(self, stage: str) -> dict:
         return self.manifest.get("stages", {}).get(stage) or {}
 
+    @cached_property
     def outdated(self) -> str | None:
         """Why the run no longer matches its recipe as the recipe files are now (so `make prune` would redo
         it), or None: pruned with another recipe text or other parameters, or a recipe that is gone."""
