@@ -22,9 +22,8 @@ from harness.errors import HarnessError
 from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
 from harness.recipes import DEFAULT_RECIPE, KIND_VERBS, STEP_MARK, Calibration, Recipe, earlier_steps, load_recipe, \
     parse_overrides
-from harness.rundir import RunDir, fingerprint, parse_level, stage_run, staging_dir, write_json
+from harness.rundir import PRUNE_SEED, RunDir, parse_level, prune_inputs, stage_run, staging_dir, write_json
 
-SEED = 0
 LEVEL_TOLERANCE = 0.01  # a fraction: the targets' sparsity after pruning must be within 1 point of the level
 
 
@@ -73,7 +72,7 @@ def check_schedule(backend: backends.Backend, recipe: Recipe, fraction: float) -
 
 def run_inputs(spec: load.ModelSpec, recipe: Recipe, level: float) -> str:
     """The prune stage's inputs fingerprint: a run with the same one is up to date."""
-    return fingerprint(spec.to_dict(), recipe.text, recipe.params, level, SEED)
+    return prune_inputs(spec.to_dict(), recipe.text, recipe.params, level)
 
 
 def starting_run(spec: load.ModelSpec, recipe: Recipe, level: float) -> tuple[RunDir, Recipe] | None:
@@ -133,13 +132,13 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     if recipe.quantization:
         corpus.resolve_corpus(recipe.quantization.calibration.corpus)
 
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+    random.seed(PRUNE_SEED)
+    np.random.seed(PRUNE_SEED)
+    torch.manual_seed(PRUNE_SEED)
     with staging_dir(run.path) as tmp:
         write_json(tmp / MANIFEST, {
             "model": spec.name, "spec": spec.to_dict(), "recipe": recipe.name, "recipe_text": recipe.text,
-            "params": recipe.params, "level": level, "seed": SEED, "shape_only": spec.shape_only,
+            "params": recipe.params, "level": level, "seed": PRUNE_SEED, "shape_only": spec.shape_only,
         })
         with stage_run(tmp / MANIFEST, "prune", inputs) as record:
             loaded = load.load_model(spec)

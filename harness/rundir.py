@@ -27,6 +27,7 @@ from harness.layout import DERIVED_COPIES, DISCARDED_NOTE, MANIFEST, MODEL_SUBDI
 from harness.monitor import PeakMemory, stall_watch
 from harness.paths import runs_dir
 
+PRUNE_SEED = 0  # prune seeds random, numpy and torch with it, so it is one of the prune stage's inputs
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 STAGING_NAME = re.compile(r"\.(?P<final>.+)\.(?:tmp|old)-(?P<pid>\d+)-.+")  # see staging_dir
 TRACKED_PACKAGES = (
@@ -99,6 +100,12 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of a stage's inputs, to tell whether a finished stage is still current."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def prune_inputs(spec: dict, recipe_text: str, recipe_params: dict, level: float) -> str:
+    """The prune stage's inputs fingerprint (`stages.prune.inputs`): a run pruned with the same one is current.
+    Here, not in `harness.prune`, so the report tells an outdated run the same way without loading the backends."""
+    return fingerprint(spec, recipe_text, recipe_params, level, PRUNE_SEED)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from harness.paths import reports_dir, runs_dir
 from harness.report.format import number
 from harness.report.plotting import wrapped
 from harness.report.recovery import budget_family
+from harness.rundir import prune_inputs
 
 MODEL = "tiny-gpt2"
 RECIPES = ["sparseml/oneshot-magnitude", "inc/oneshot-magnitude"]
@@ -289,13 +290,23 @@ def test_an_int8_run_is_compared_with_its_fp32_run_at_the_same_level():
     assert quantization_cost("wikitext2 word_perplexity", f"{fp32}@samples=16", [], series) == []
 
 
-def test_a_run_of_an_earlier_or_a_renamed_recipe_is_marked_outdated_and_still_reported(scratch):
-    manifest = scratch / RECIPES[0] / "50" / "manifest.json"
-    data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**data, "recipe_text": data["recipe_text"] + "\n# an earlier version\n"}))
+def pruned_earlier(run_dir, **changes):
+    """Rewrite a run's manifest as if it had been pruned with other inputs (`changes` to its manifest keys), and
+    with the inputs fingerprint that prune would have recorded for them."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(changes)
+    manifest["stages"]["prune"]["inputs"] = prune_inputs(manifest["spec"], manifest["recipe_text"], manifest["params"],
+                                                         manifest["level"])
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_run_of_an_earlier_recipe_model_entry_or_a_renamed_recipe_is_marked_outdated_and_still_reported(scratch):
+    data = json.loads((scratch / RECIPES[0] / "50" / "manifest.json").read_text())
+    pruned_earlier(scratch / RECIPES[0] / "50", recipe_text=data["recipe_text"] + "\n# an earlier version\n")
+    pruned_earlier(scratch / RECIPES[1] / "50", spec={**data["spec"], "seq_len": data["spec"]["seq_len"] + 1})
     renamed = scratch / "sparseml" / "magnitude-recover+int8" / "50"  # a name from before recovery composed
     shutil.copytree(scratch / RECIPES[0] / "50", renamed)
-    (renamed / "manifest.json").write_text(json.dumps({**data, "recipe": "sparseml/magnitude-recover+int8"}))
+    pruned_earlier(renamed, recipe="sparseml/magnitude-recover+int8")
 
     markdown = report.report([MODEL])[0].read_text()  # a renamed recipe's INT8 run has no FP32 run to compare
     assert (f"- `{RECIPES[0]}` level 50 %, prune: outdated, pruned with an earlier version of its recipe (its "
@@ -306,5 +317,8 @@ def test_a_run_of_an_earlier_or_a_renamed_recipe_is_marked_outdated_and_still_re
             "composed)" in markdown)
     coverage = markdown.split("## Runs and gaps")[1].split("## ")[0]
     cells = {tuple(row[:2]): row[2] for row in table_rows(coverage) if len(row) > 2}
-    assert cells[(RECIPES[0], "50")] == cells[("sparseml/magnitude-recover+int8", "50")] == "outdated"
-    assert cells[(RECIPES[0], "0")] == cells[(RECIPES[1], "50")] == "done"
+    assert (f"- `{RECIPES[1]}` level 50 %, prune: outdated, pruned from an earlier entry of its model in "
+            f"harness/models.yaml: run `make prune MODEL={MODEL} LEVEL=50 RECIPE={RECIPES[1]}` again" in markdown)
+    assert cells[(RECIPES[0], "50")] == cells[(RECIPES[1], "50")] == "outdated"
+    assert cells[("sparseml/magnitude-recover+int8", "50")] == "outdated"
+    assert cells[(RECIPES[0], "0")] == cells[(RECIPES[1], "0")] == "done"

@@ -1,10 +1,10 @@
 """Runs and gaps: which stage outputs each run holds, and the command that fills each one missing, failed or
-outdated (pruned with an earlier version of its recipe)."""
+outdated (pruned with other inputs than its model and recipe give now)."""
 from __future__ import annotations
 
 from harness.layout import STAGE_OUTPUTS
 from harness.report.format import make_target, run_link, table
-from harness.report.runs import EARLIER_RECIPE, ModelRuns, Run
+from harness.report.runs import REDONE_BY_PRUNE, ModelRuns, Run
 from harness.rundir import level_name
 
 
@@ -14,8 +14,8 @@ def gaps(models: ModelRuns) -> list[tuple[Run, str, bool, str]]:
     found = []
     for run in models.runs:
         outdated = run.outdated
-        if outdated:  # a recipe that is gone says itself what to do
-            again = f": run `{make_target('prune', models.name, run)}` again" if outdated == EARLIER_RECIPE else ""
+        if outdated:
+            again = f": run `{make_target('prune', models.name, run)}` again" if outdated in REDONE_BY_PRUNE else ""
             found.append((run, "prune", False, f"outdated, {outdated}{again}"))
         for stage in [stage for stage in models.expected_stages() if models.expects(run, stage)]:
             record = run.ledger.get(stage, {})

@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from harness import layout
+from harness import layout, load
 from harness.errors import HarnessError
 from harness.paths import runs_dir
 from harness.recipes import load_recipe
-from harness.rundir import RunDir, read_json, safe_name
+from harness.rundir import RunDir, prune_inputs, read_json, safe_name
 
 REPORTED_STAGES = ("prune", "analyze", "bench", "eval")  # the stages whose outputs the report reads
+EARLIER_MODEL = "pruned from an earlier entry of its model in harness/models.yaml"
 EARLIER_RECIPE = "pruned with an earlier version of its recipe (its files or defaults changed since)"
+EARLIER_INPUTS = "pruned with other inputs than the harness gives now (an earlier version of the harness)"
+REDONE_BY_PRUNE = (EARLIER_MODEL, EARLIER_RECIPE, EARLIER_INPUTS)  # the other reason, a recipe gone, says what to do
 
 
 @dataclass
@@ -65,18 +68,28 @@ class Run:
 
     @cached_property
     def outdated(self) -> str | None:
-        """Why the run no longer matches its recipe as the recipe files are now (so `make prune` would redo
-        it), or None: pruned with another recipe text or other parameters, or a recipe that is gone."""
+        """Why `make prune` would redo this run, or None: it was pruned with another inputs fingerprint than its
+        model's registry entry and its recipe give now (`prune_inputs`), or its recipe is gone."""
         if "recipe_text" not in self.manifest:
             return None  # never created, or not a prune stage's run
         try:
             recipe = load_recipe(self.manifest["recipe"])
+            registry = load.registry()
         except HarnessError as exc:
             return str(exc)
-        if recipe.text != self.manifest["recipe_text"] or \
-                json.loads(json.dumps(recipe.params)) != self.manifest.get("params"):
-            return EARLIER_RECIPE
-        return None
+        then = self.manifest.get("spec")
+        now = registry[self.dir.model].to_dict() if self.dir.model in registry else then
+        if prune_inputs(now, recipe.text, recipe.params, self.level) == self.stage_record("prune").get("inputs"):
+            return None
+        changes = {EARLIER_MODEL: as_json(now) != then,
+                   EARLIER_RECIPE: (recipe.text, as_json(recipe.params)) != (self.manifest["recipe_text"],
+                                                                              self.manifest.get("params"))}
+        return next((reason for reason, changed in changes.items() if changed), EARLIER_INPUTS)
+
+
+def as_json(value):
+    """`value` as it reads back from a manifest (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 @dataclass
