@@ -95,7 +95,7 @@ class Recovery:
     curve: list[CurvePoint]
     tokens: int
     steps: int
-    wall_time_s: float  # of this process's training (after a resume: since it resumed)
+    wall_time_s: float  # of the training, summed over a resumed run's invocations (the checkpointed work of the earlier ones)
     resumed_from: int | None = None  # the step a resumed run went on from
     precision: str = "fp32"  # what the plan's precision resolved to on the machine: fp32 or bf16
 

@@ -286,13 +286,14 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         param.requires_grad_(name in trained)
     optimizer = torch.optim.AdamW([params[n] for n in trained], lr=plan.lr, weight_decay=plan.weight_decay)
     state = resume.load()
-    curve, start_step, resumed_from = [], 0, None
+    curve, start_step, resumed_from, seconds_before = [], 0, None, 0.0
     if state:
         with torch.no_grad():
             for name in trained:
                 params[name].copy_(state["weights"][name])
         optimizer.load_state_dict(state["optimizer"])
         curve, start_step, resumed_from = state["curve"], state["step"], state["step"]
+        seconds_before = state.get("seconds", 0.0)  # the checkpointed work's training time in earlier invocations
         torch.set_rng_state(state["rng"])
     else:
         torch.manual_seed(plan.seed)
@@ -335,14 +336,16 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, archi
         progress.set_postfix(loss=f"{total:.4f}", tok_s=f"{(seen - seen_before) / (time.time() - started):.0f}")
         if time.time() - last_save > 60 * plan.checkpoint_minutes and step + 1 < plan.steps:
             resume.save({"step": step + 1, "weights": {n: params[n].detach().clone() for n in trained},
-                         "optimizer": optimizer.state_dict(), "curve": curve, "rng": torch.get_rng_state()})
+                         "optimizer": optimizer.state_dict(), "curve": curve, "rng": torch.get_rng_state(),
+                         "seconds": seconds_before + time.time() - started})
             last_save = time.time()
     progress.close()
     student.eval()
     for param in params.values():
         param.requires_grad_(True)
     return Recovery(plan=asdict(plan), precision=precision, curve=curve, tokens=seen,
-                    steps=plan.steps, wall_time_s=round(time.time() - started, 1), resumed_from=resumed_from)
+                    steps=plan.steps, wall_time_s=round(seconds_before + time.time() - started, 1),
+                    resumed_from=resumed_from)
 
 
 def _replay(hooks: Hooks, steps: int, trained: list[str], params: dict) -> None:

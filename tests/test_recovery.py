@@ -124,9 +124,12 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     interrupted = copy.deepcopy(student)
     with killed_after(losses=6 * PLAN.accumulation):
         recovery.recover(interrupted, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
+    state = resume_in(tmp_path / "run", targets)
+    state.save({**state.load(), "seconds": 1000.0})  # as if the killed invocation had trained for 1000 s
     resumed = copy.deepcopy(teacher)  # as prune resumes: the state holds the pruned, trained weights
     result = recovery.recover(resumed, teacher, tokenizer, architecture, targets, PLAN, resume_in(tmp_path / "run", targets))
     assert result.resumed_from == 6
+    assert 1000 < result.wall_time_s < 1600  # training time sums the invocations
     assert [p.step for p in result.curve] == list(range(1, PLAN.steps + 1))
     for name, param in reference.named_parameters():
         assert torch.equal(param, resumed.get_parameter(name)), name

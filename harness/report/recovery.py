@@ -95,17 +95,18 @@ def section_recovery(models: ModelRuns, plots: PlotSet) -> list[str]:
     lines = ["Runs whose recipe distils the dense model into the pruned one afterwards, with the mask fixed "
              "(their accuracy is in the accuracy section, beside the one-shot recipes at the same levels). "
              "Loss: KL to the dense model's logits (or embedding cosine + MSE for headless encoders), "
-             "mean of the last 10 % of steps. Wall time and peak memory are the whole prune stage's.", ""]
+             "mean of the last 10 % of steps. Training time is summed over a resumed run's invocations; prune time "
+             "and peak memory are the last invocation's whole prune stage.", ""]
     rows = []
     for run in runs:
         recovery, record = run.recovery, run.stage_record("prune")
         tail = recovery.curve[-max(1, len(recovery.curve) // 10):]
         rows.append([run.recipe, level_name(run.level), number(recovery.plan.get("corpus")), recovery.precision,
                      number(recovery.tokens), number(recovery.steps), number(recovery.curve[0].loss),
-                     number(sum(point.loss for point in tail) / len(tail)), number(record.get("wall_time_s")),
-                     number(record.get("peak_rss_mb")), run_link(run)])
-    lines += table(["recipe", "level %", "corpus", "precision", "tokens", "steps", "first loss", "final loss", "prune s",
-                    "peak MB", "run directory"], rows)
+                     number(sum(point.loss for point in tail) / len(tail)), number(recovery.wall_time_s),
+                     number(record.get("wall_time_s")), number(record.get("peak_rss_mb")), run_link(run)])
+    lines += table(["recipe", "level %", "corpus", "precision", "tokens", "steps", "first loss", "final loss",
+                    "training s", "prune s", "peak MB", "run directory"], rows)
     path = plots.path("recovery")
     plot_curves(models, runs, path)
     lines += ["", plots.image(path, "recovery loss curves"), ""]
