@@ -290,6 +290,19 @@ def test_an_int8_run_is_compared_with_its_fp32_run_at_the_same_level():
     assert quantization_cost("wikitext2 word_perplexity", f"{fp32}@samples=16", [], series) == []
 
 
+def test_collapse_judges_the_pruned_levels_not_a_control_at_level_0():
+    from types import SimpleNamespace
+
+    from harness.report.challenges import collapse
+
+    control, run50, run70 = (SimpleNamespace(level=level) for level in (0.0, 50.0, 70.0))
+    assert collapse([(control, 0.28)], 0.34, True, 10.0) is None  # the dense model trained: the control's own table
+    assert collapse([(control, 0.28), (run50, 0.33), (run70, 0.20)], 0.34, True, 10.0) == (
+        "collapses at 70 % (0.2 vs dense 0.34, -41.2 %); holds up to 50 %.")
+    assert collapse([(run70, 36.0), (control, 60.0)], 35.0, False, 10.0) == (
+        "within 10 % of dense up to the highest level measured (70 %).")
+
+
 def pruned_earlier(run_dir, **changes):
     """Rewrite a run's manifest as if it had been pruned with other inputs (`changes` to its manifest keys), and
     with the inputs fingerprint that prune would have recorded for them."""

@@ -33,8 +33,13 @@ def relative_change(value: float, dense: float) -> float | None:
     return None if dense == 0 else 100 * (value - dense) / abs(dense)
 
 
-def collapse(entries: list[tuple[Run, float]], dense: float, better: bool, threshold: float) -> str:
-    """The first level whose value is more than `threshold` % worse than dense, and the last level that held."""
+def collapse(entries: list[tuple[Run, float]], dense: float, better: bool, threshold: float) -> str | None:
+    """The first level whose value is more than `threshold` % worse than dense, and the last level that held;
+    None without a pruned level (a recipe's level 0 is the dense model, or its domain-adaptation control, which
+    the recovery section compares with dense)."""
+    entries = [(run, value) for run, value in entries if run.level > 0]
+    if not entries:
+        return None
     held = None
     for run, value in sorted(entries, key=lambda e: e[0].level):
         change = relative_change(value, dense)
@@ -42,12 +47,11 @@ def collapse(entries: list[tuple[Run, float]], dense: float, better: bool, thres
             return "the dense baseline is 0, so a relative change is undefined; not judged."
         worse = -change if better else change
         if worse > threshold:
-            kept = f"; holds up to {level_name(held.level)} %" if held and held.level > 0 else ""
+            kept = f"; holds up to {level_name(held.level)} %" if held else ""
             return (f"collapses at {level_name(run.level)} % ({number(value)} vs dense {number(dense)}, "
                     f"{change:+.1f} %){kept}.")
         held = run
-    return (f"within {number(threshold)} % of dense up to the highest level measured"
-            f" ({level_name(held.level)} %)." if held else "no levels measured.")
+    return f"within {number(threshold)} % of dense up to the highest level measured ({level_name(held.level)} %)."
 
 
 def tracking(runs: list[Run], scenario: str, engine: str, floor: float) -> str:
@@ -92,7 +96,9 @@ def accuracy_challenges(models: ModelRuns, threshold: float) -> list[str]:
                 continue
             for recipe, entries in series.items():
                 values = [(run, entry.value) for run, entry in entries]
-                lines.append(f"- {benchmark} {metric}, `{recipe}`: {collapse(values, dense[1], better, threshold)}")
+                judged = collapse(values, dense[1], better, threshold)
+                if judged:
+                    lines.append(f"- {benchmark} {metric}, `{recipe}`: {judged}")
                 lines += quantization_cost(f"{benchmark} {metric}", recipe, values, series)
     if not lines:
         return [f"- Accuracy: not measured yet (no `{EVAL_FILE}`)."]
