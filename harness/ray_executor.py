@@ -9,7 +9,9 @@ filesystem, and a task whose node dies leaves nothing behind (Ray retries it, `M
 Resources are Ray's: every task asks for memory estimated from the model's parameter count; every
 node offers one `harness_node` slot, of which a bench takes all (plus the nodes' CPUs) and any
 other task a sliver, so no harness task runs beside a timing. The segments from bench on wait for
-level 0 of their model and recipe, whose run they compare with.
+level 0 of their model and recipe, whose run they compare with. The prune of a composed recipe
+(`<pruning>+distil`, `...+int8`) gets the runs of its earlier parts at its level, from the grid or the driver,
+so it starts from them as it does locally (`prune.starting_run`) instead of pruning again on the node.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from tqdm import tqdm
 
 from harness import load
 from harness.errors import HarnessError
+from harness.layout import MODEL_SUBDIR, SPARSITY_FILE
 from harness.paths import PROJECT_ROOT, data_dir
-from harness.rundir import RunDir, read_json, record_stage, staging_dir
+from harness.recipes import earlier_steps, load_recipe
+from harness.rundir import RunDir, prune_inputs, read_json, record_stage, staging_dir
 from harness.sweep import GridRun, LevelOptions, run_level
 
 SLOT = "harness_node"  # custom resource, 1 per node: a bench takes the whole slot
@@ -93,7 +97,7 @@ def _submit(grid: list[GridRun], stages: list[str], options: LevelOptions,
     stored: dict[tuple, ray.ObjectRef | None] = {}  # runs already on the driver, shipped once
     specs = {cell.spec.name: cell.spec for cell in grid}
     memory = {name: min(estimated_memory(spec), limits.memory) for name, spec in specs.items()}
-    for cell in sorted(grid, key=lambda c: c.level != 0):
+    for cell in sorted(grid, key=lambda c: (c.level != 0, len(earlier_steps(c.recipe)))):  # what others wait for first
         baseline_id = (cell.spec.name, cell.recipe, 0.0)
         baseline = None if not cell.level else \
             finals[baseline_id] if baseline_id in finals else _stored(RunDir(*baseline_id), stored)
@@ -107,8 +111,9 @@ def _submit(grid: list[GridRun], stages: list[str], options: LevelOptions,
                 num_cpus=limits.bench_cpus if bench else 1, memory=memory[cell.spec.name],
                 resources={SLOT: 1 if bench else SHARE}, name=f"{cell.spec.name} {cell.key} {','.join(segment)}")
             last = segment is segments[-1]  # a run's artifacts go only once all its stages are done
+            starts = _starts(cell, finals, stored, options.force) if "prune" in segment else {}
             state = task.remote(cell, segment, options if last else dataclasses.replace(options, discard_artifacts=False),
-                                state, baseline if NEEDS_BASELINE & set(segment) else None)
+                                state, baseline if NEEDS_BASELINE & set(segment) else None, list(starts), *starts.values())
         finals[cell.spec.name, cell.recipe, cell.level] = state
     return {finals[c.spec.name, c.recipe, c.level]: c for c in grid}
 
@@ -120,6 +125,25 @@ def _stored(run: RunDir, stored: dict) -> ray.ObjectRef | None:
         stored[key] = ray.put({"statuses": {}, "archive": pack(run.path), "changed": False}) \
             if run.manifest_path.exists() else None
     return stored[key]
+
+
+def _starts(cell: GridRun, finals: dict, stored: dict, force: bool) -> dict[str, ray.ObjectRef]:
+    """{recipe: its run} for the earlier parts of a composed recipe at the cell's level, from the grid (once
+    finished) or the driver; none at level 0, or when the cell's own prune is current and not forced."""
+    earlier = earlier_steps(cell.recipe) if cell.level else []
+    if not earlier:
+        return {}
+    recipe = load_recipe(cell.recipe)
+    if not force and cell.run.is_current("prune", prune_inputs(cell.spec.to_dict(), recipe.text, recipe.params, cell.level),
+                           [MODEL_SUBDIR, SPARSITY_FILE]):
+        return {}
+    starts = {}
+    for name in earlier:
+        key = (cell.spec.name, name, cell.level)
+        ref = finals[key] if key in finals else _stored(RunDir(*key), stored)
+        if ref is not None:
+            starts[name] = ref
+    return starts
 
 
 def _segments(stages: list[str]) -> list[list[str]]:
@@ -159,8 +183,10 @@ def _collect(finals: dict[ray.ObjectRef, GridRun], stages: list[str]) -> Iterato
 
 
 @ray.remote(max_retries=MAX_RETRIES)
-def _run_segment(cell: GridRun, stages: list[str], options: LevelOptions, state: dict, baseline: dict | None) -> dict:
-    """Run `stages` of one run on this node, from the run's state so far; returns the new state."""
+def _run_segment(cell: GridRun, stages: list[str], options: LevelOptions, state: dict, baseline: dict | None,
+                 start_recipes: list[str], *starts: dict) -> dict:
+    """Run `stages` of one run on this node, from the run's state so far (and the runs `start_recipes` at its level
+    that a composed recipe may start from); returns the new state."""
     node = node_label()
     missing = missing_input(cell.spec, stages)
     if missing:
@@ -172,6 +198,9 @@ def _run_segment(cell: GridRun, stages: list[str], options: LevelOptions, state:
             unpack(baseline["archive"], RunDir(cell.spec.name, cell.recipe, 0.0).path)
         if state["archive"] is not None:
             unpack(state["archive"], cell.run.path)
+        for recipe, start in zip(start_recipes, starts):
+            if start["archive"] is not None:
+                unpack(start["archive"], RunDir(cell.spec.name, recipe, cell.level).path)
         before = cell.run.manifest()
         statuses = run_level(cell, stages, dataclasses.replace(options, isolate=True), earlier=state["statuses"])
         ran = [s for s in statuses if cell.run.manifest().get("stages", {}).get(s) != before.get("stages", {}).get(s)]

@@ -15,6 +15,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from harness import layout, ray_executor, sweep  # noqa: E402
 from harness.load import resolve_spec  # noqa: E402
+from harness.recipes import load_recipe  # noqa: E402
 from harness.rundir import RunDir, read_json  # noqa: E402
 
 MODEL = "tiny-gpt2"
@@ -109,6 +110,18 @@ def test_rerun_on_ray_does_no_work(serial_and_ray, monkeypatch):
     summary = run_sweep("ray")
     assert all(s["status"] == "done" and "node" not in s for st in summary.values() for s in st.values())
     assert {level: RunDir(MODEL, RECIPE, level).manifest() for level in LEVELS} == before
+
+
+def test_a_composed_recipe_on_ray_starts_from_its_earlier_part_from_the_grid_or_the_driver(cluster, monkeypatch,
+                                                                                            tmp_path):
+    monkeypatch.setenv("HARNESS_RUNS", str(tmp_path))
+    composed = load_recipe(f"{RECIPE}+distil@tokens=768,train_seq_len=32,batch_size=2,accumulation=1").name
+    sweep.sweep([MODEL], [RECIPE], [50], ["prune"])  # 50 % is on the driver already, 90 % is pruned on Ray first
+    summary = sweep.sweep([MODEL], [composed, RECIPE], [50, 90], ["prune"], executor="ray")
+    assert all(s["status"] == "done" for st in summary[MODEL].values() for s in st.values()), summary
+    for level in (50, 90):
+        started_from = RunDir(MODEL, composed, level).stage_record("prune").get("started_from", "")
+        assert started_from.endswith(f"{RECIPE}/{level}"), (level, started_from)
 
 
 def test_memory_estimate_keeps_two_full_size_prunes_off_one_24_gib_node():
