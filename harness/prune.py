@@ -161,7 +161,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
             if start:
                 _load_weights(loaded.model, start)
                 check_level(backend, job)
-                record.update(started_from=str(start.path))
+                record.update(started_from=start.relative)
                 print(f"prune: starting from the finished run {start.path}")
             elif level > 0 and not (resume and resume.exists() and not gradual):  # a resumed recovery has the pruned weights
                 if recipe.calibration.samples:

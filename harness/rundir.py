@@ -117,8 +117,13 @@ class RunDir:
     level: float
 
     @property
+    def relative(self) -> str:
+        """Its path under the runs root: the same on every machine (a Ray node has its own root)."""
+        return f"{safe_name(self.model)}/{self.recipe}/{level_name(self.level)}"
+
+    @property
     def path(self) -> Path:
-        return runs_dir() / safe_name(self.model) / self.recipe / level_name(self.level)
+        return runs_dir() / self.relative
 
     @property
     def model_dir(self) -> Path:

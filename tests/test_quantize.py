@@ -79,7 +79,7 @@ def test_zeros_survive_quantization(runs):
         values, scale = checkpoint[name], checkpoint[f"{name}.scale"]
         assert values.dtype == torch.int8 and torch.equal(values.float() * scale, quantized[name])
         assert bool(((quantized[name] - pruned[name]).abs() <= scale / 2 + 1e-7).all()), name  # the FP32 run's weights
-    assert int8.stage_record("prune")["started_from"] == str(fp32.path)  # quantized the finished FP32 run
+    assert int8.stage_record("prune")["started_from"] == fp32.relative  # quantized the finished FP32 run
     assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent == fp32.read(SPARSITY_FILE, Sparsity).achieved_percent
     summary = (quantize.quantization_dir(int8.path) / quantize.SUMMARY_FILE).read_text()
     assert '"zeros_preserved": true' in summary
@@ -89,11 +89,11 @@ def test_a_recovered_int8_run_starts_from_the_longest_finished_part_of_its_recip
     fp32 = runs[0]  # sparseml/oneshot-magnitude at 50 %
     small = "tokens=256,train_seq_len=32,batch_size=2,accumulation=1"
     trained_here = prune.prune("tiny-bert", 50, f"sparseml/oneshot-magnitude+distil+int8@{small}")
-    assert trained_here.stage_record("prune")["started_from"] == str(fp32.path)  # distilled, then quantized
+    assert trained_here.stage_record("prune")["started_from"] == fp32.relative  # distilled, then quantized
     assert (trained_here.path / RECOVERY_FILE).exists()
     recovered = prune.prune("tiny-bert", 50, f"sparseml/oneshot-magnitude+distil@{small}")
     quantized_only = prune.prune("tiny-bert", 50, trained_here.recipe, force=True)
-    assert quantized_only.stage_record("prune")["started_from"] == str(recovered.path)
+    assert quantized_only.stage_record("prune")["started_from"] == recovered.relative
     assert not (quantized_only.path / RECOVERY_FILE).exists()
 
 
@@ -158,7 +158,7 @@ def test_an_int8_probe_reads_the_int8_graph(runs):
 def test_a_decoder_quantizes_with_its_lm_head_fp32_by_default_or_int8(model, targets, head):
     fp32 = prune.prune(model, 50, "sparseml/oneshot-magnitude")
     int8 = prune.prune(model, 50, f"{RECIPE}@fp32_head={head}")
-    assert int8.stage_record("prune")["started_from"] == str(fp32.path)
+    assert int8.stage_record("prune")["started_from"] == fp32.relative
     assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent == fp32.read(SPARSITY_FILE, Sparsity).achieved_percent
     onnx_dir = export.ensure_onnx(int8)
     assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == targets + (head == "none")

@@ -120,8 +120,8 @@ def test_a_composed_recipe_on_ray_starts_from_its_earlier_part_from_the_grid_or_
     summary = sweep.sweep([MODEL], [composed, RECIPE], [50, 90], ["prune"], executor="ray")
     assert all(s["status"] == "done" for st in summary[MODEL].values() for s in st.values()), summary
     for level in (50, 90):
-        started_from = RunDir(MODEL, composed, level).stage_record("prune").get("started_from", "")
-        assert started_from.endswith(f"{RECIPE}/{level}"), (level, started_from)
+        started_from = RunDir(MODEL, composed, level).stage_record("prune").get("started_from")
+        assert started_from == RunDir(MODEL, RECIPE, level).relative, level
 
 
 def test_memory_estimate_keeps_two_full_size_prunes_off_one_24_gib_node():
