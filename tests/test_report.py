@@ -224,25 +224,32 @@ def test_runs_that_differ_only_in_their_budget_share_an_accuracy_vs_tokens_line(
     assert budget_family(recipe) == family
 
 
-def test_a_recovered_runs_accuracy_line_starts_at_its_one_shot_run(scratch):
-    """Two recovery budgets of one family, made from the swept one-shot run (JSON only, known values)."""
+def test_a_recovered_runs_accuracy_line_starts_at_its_one_shot_run_and_outdated_runs_get_their_own(scratch):
+    """Three recovery budgets of one family, made from the swept one-shot run (JSON only, known values); one of them
+    pruned with an earlier version of the recipe."""
     from harness.layout import CurvePoint, Recovery, to_json
+    from harness.recipes import load_recipe
     from harness.report.recovery import accuracy_vs_tokens
     from harness.report.runs import collect
     from harness.rundir import RunDir, write_json
 
     one_shot = RunDir(MODEL, "sparseml/oneshot-magnitude", 50)
     one_shot_acc = json.loads((one_shot.path / "eval.json").read_text())["benchmarks"][BENCHMARK]["metrics"]["acc"]["value"]
-    for tokens, acc in ((3000, 0.75), (1000, 0.5)):
+    for tokens, acc, earlier in ((3000, 0.75, ""), (1000, 0.5, ""), (2000, 0.25, "\n# an earlier version\n")):
         run = RunDir(MODEL, f"sparseml/oneshot-magnitude+distil@lr=0.01,tokens={tokens}", 50)
         shutil.copytree(one_shot.path, run.path)
-        for name, change in (("manifest.json", lambda m: {**m, "recipe": run.recipe}),
-                             ("eval.json", lambda e: e["benchmarks"][BENCHMARK]["metrics"]["acc"].update(value=acc) or e)):
-            write_json(run.path / name, change(json.loads((run.path / name).read_text())))
+        recipe = load_recipe(run.recipe)
+        pruned_earlier(run.path, recipe=run.recipe, recipe_text=recipe.text + earlier, params=recipe.params)
+        eval_file = run.path / "eval.json"
+        results = json.loads(eval_file.read_text())
+        results["benchmarks"][BENCHMARK]["metrics"]["acc"].update(value=acc)
+        write_json(eval_file, results)
         write_json(run.path / "recovery.json", to_json(Recovery(plan={}, curve=[CurvePoint(1, tokens, 1.0)],
                                                                 tokens=tokens, steps=1, wall_time_s=1.0)))
     lines, dense = accuracy_vs_tokens(collect(MODEL))[f"{BENCHMARK}: acc"]
-    assert lines == {("sparseml/oneshot-magnitude+distil@lr=0.01", 50.0): [(0, one_shot_acc), (1000, 0.5), (3000, 0.75)]}
+    family = "sparseml/oneshot-magnitude+distil@lr=0.01"
+    assert lines == {(family, 50.0): [(0, one_shot_acc), (1000, 0.5), (3000, 0.75)],
+                     (f"{family} (outdated)", 50.0): [(0, one_shot_acc), (2000, 0.25)]}
     assert dense[0].level == 0
 
 

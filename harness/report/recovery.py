@@ -6,9 +6,9 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.recipes import earlier_steps, variant_name, variant_params
-from harness.report.accuracy import accuracy_points, dense_value
+from harness.report.accuracy import LOG_SCALE_METRICS, accuracy_points, dense_value
 from harness.report.format import number, run_link, table
-from harness.report.plotting import DENSE_LINE, PlotSet, recipe_styles, wrapped
+from harness.report.plotting import DENSE_LINE, PlotSet, legend, recipe_styles, wrapped
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
 
@@ -26,6 +26,9 @@ def plot_curves(models: ModelRuns, runs: list[Run], path: Path) -> None:
         ax.set(xlabel="training tokens (millions)", ylabel="distillation loss per optimizer step", yscale="log")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"{models.name}: recovery loss curves")
+
+
+OUTDATED_MARK = " (outdated)"
 
 
 def budget_family(recipe: str) -> str:
@@ -47,7 +50,8 @@ def one_shot_recipe(recipe: str) -> str | None:
 def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, float] | None]]:
     """{"<benchmark>: <metric>": ({(recipe family, level): [(tokens, value)] in token order}, dense baseline)}: a line
     per family of recovered runs (`budget_family`) and level, starting at 0 tokens from the one-shot run it
-    recovered when that run was evaluated."""
+    recovered when that run was evaluated. Outdated runs (an earlier version of the recipe, e.g. another default)
+    make a line of their own, marked."""
     panels = {}
     for benchmark, metrics in accuracy_points(models).items():
         for metric, series in metrics.items():
@@ -56,7 +60,8 @@ def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, fl
             for recipe, entries in series.items():
                 for run, entry in entries:
                     if run.level > 0 and run.recovery:
-                        line = lines.setdefault((budget_family(recipe), run.level), set())
+                        family = budget_family(recipe) + (OUTDATED_MARK if run.outdated else "")
+                        line = lines.setdefault((family, run.level), set())
                         line.add((run.recovery.tokens, entry.value))
                         start = (one_shot_recipe(recipe), run.level)  # where the training started
                         if start in values:
@@ -68,22 +73,28 @@ def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, fl
 
 
 def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
-    """`accuracy_vs_tokens`, one panel per benchmark metric, the dense baseline dashed. False (nothing drawn)
-    when no recovered pruned run has been evaluated."""
+    """`accuracy_vs_tokens`, one panel per benchmark metric (perplexities on a log scale), a colour per line in every
+    panel, one legend beside the last, the dense baseline dashed. False (nothing drawn) when no recovered pruned run
+    has been evaluated."""
     from harness import plots
 
     panels = accuracy_vs_tokens(models)
     if not panels:
         return False
-    with plots.figure(path, panels=len(panels), panel_width=6.0) as (fig, axes):
+    keys = sorted({key for lines, _ in panels.values() for key in lines})
+    colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
+    with plots.figure(path, panels=len(panels), panel_width=4.5) as (fig, axes):
         for ax, (title, (lines, dense)) in zip(axes, panels.items()):
-            for (family, level), points in sorted(lines.items()):
+            for key, points in sorted(lines.items()):
                 ax.plot([tokens / 1e6 for tokens, _ in points], [value for _, value in points], marker="o",
-                        label=wrapped(f"{family} {level_name(level)} %"))
+                        color=colors[key])
             if dense:
-                ax.axhline(dense[1], **DENSE_LINE, label="dense (level 0)")
+                ax.axhline(dense[1], **DENSE_LINE)
+            if any(word in title for word in LOG_SCALE_METRICS):
+                ax.set_yscale("log")
             ax.set(title=title, xlabel="training tokens (millions)", xlim=(0, None))
-            ax.legend(fontsize="small")
+        legend(axes[-1], {f"{family} {level_name(level)} %": colors[family, level] for family, level in keys}, {},
+               {"dense (level 0)": DENSE_LINE})
         fig.suptitle(f"{models.name}: accuracy vs recovery tokens (PyTorch)")
     return True
 
