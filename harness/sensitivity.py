@@ -31,9 +31,10 @@ from harness.errors import HarnessError
 from harness.layout import (MANIFEST, SENSITIVITY_CSV, SENSITIVITY_FILE, SENSITIVITY_PARTIAL, SENSITIVITY_SUBDIR,
                             Sensitivity, UnitDamage, read_record, to_json)
 from harness.paths import runs_dir
-from harness.prune import SEED, calibration_batches, check_level, check_schedule, check_supported
+from harness.prune import calibration_batches, check_level, check_schedule, check_supported
 from harness.recipes import DEFAULT_RECIPE, load_recipe, parse_overrides
-from harness.rundir import fingerprint, level_name, parse_level, safe_name, stage_run, write_atomic, write_json
+from harness.rundir import PRUNE_SEED, fingerprint, level_name, parse_level, safe_name, stage_run, write_atomic, \
+    write_json
 
 GRANULARITIES = ("layer", "block")  # the first is the one `allocate` prefers
 DEFAULT_LEVELS = (50.0, 90.0)
@@ -81,7 +82,7 @@ def check_one_shot(backend: backends.Backend, recipe, levels: list[float]) -> No
 def inputs_fingerprint(spec: load.ModelSpec, recipe, levels: list[float], granularity: str,
                        heldout: damage.HeldOut) -> str:
     """What decides whether stored results (finished or partial) still hold."""
-    return fingerprint(spec.to_dict(), recipe.text, recipe.params, levels, granularity, asdict(heldout), SEED)
+    return fingerprint(spec.to_dict(), recipe.text, recipe.params, levels, granularity, asdict(heldout), PRUNE_SEED)
 
 
 def write_results(directory: Path, result: Sensitivity) -> None:
@@ -139,12 +140,12 @@ def sensitivity(model: str, recipe_name: str = DEFAULT_RECIPE, overrides: dict |
         print(f"sensitivity: {directory} is up to date (use --force to redo)")
         return directory
 
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+    random.seed(PRUNE_SEED)
+    np.random.seed(PRUNE_SEED)
+    torch.manual_seed(PRUNE_SEED)
     write_json(directory / MANIFEST, {"model": spec.name, "spec": spec.to_dict(), "recipe": recipe.name,
                                       "recipe_text": recipe.text, "params": recipe.params, "levels": levels,
-                                      "granularity": granularity, "heldout": asdict(heldout), "seed": SEED})
+                                      "granularity": granularity, "heldout": asdict(heldout), "seed": PRUNE_SEED})
     with stage_run(directory / MANIFEST, "sensitivity", inputs) as record:
         loaded = load.load_model(spec)
         targets = sparsity.prunable_names(loaded.model, recipe.targets)
