@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from harness import load
 from harness.errors import HarnessError
-from harness.layout import MODEL_SUBDIR, SPARSITY_FILE
 from harness.paths import PROJECT_ROOT, data_dir
 from harness.recipes import earlier_steps, load_recipe
 from harness.rundir import RunDir, prune_inputs, read_json, record_stage, staging_dir
@@ -134,8 +133,7 @@ def _starts(cell: GridRun, finals: dict, stored: dict, force: bool) -> dict[str,
     if not earlier:
         return {}
     recipe = load_recipe(cell.recipe)
-    if not force and cell.run.is_current("prune", prune_inputs(cell.spec.to_dict(), recipe.text, recipe.params, cell.level),
-                           [MODEL_SUBDIR, SPARSITY_FILE]):
+    if not force and cell.run.is_pruned(prune_inputs(cell.spec.to_dict(), recipe.text, recipe.params, cell.level)):
         return {}
     starts = {}
     for name in earlier:

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 import psutil
 
 from harness.errors import HarnessError
-from harness.layout import DERIVED_COPIES, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, RESUME_SUFFIX, Record, read_record
+from harness.layout import DERIVED_COPIES, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, RESUME_SUFFIX, SPARSITY_FILE, Record, \
+    read_record
 from harness.monitor import PeakMemory, stall_watch
 from harness.paths import runs_dir
 
@@ -166,6 +167,11 @@ class RunDir:
             and record.get("inputs") == inputs_fingerprint
             and all((self.path / out).exists() for out in outputs)
         )
+
+    def is_pruned(self, inputs_fingerprint: str) -> bool:
+        """True when prune finished here with these inputs (`prune_inputs`) and its checkpoint and sparsity are
+        still on disk: what a prune, or a composed recipe starting from this run, may skip."""
+        return self.is_current("prune", inputs_fingerprint, [MODEL_SUBDIR, SPARSITY_FILE])
 
     def read(self, name: str, kind: type[Record]) -> Record | None:
         """The record stored in file `name` of this run (a layout name), or None when it is not there."""
