@@ -14,7 +14,8 @@ The run then holds:
     quantization/qparams.safetensors   the calibrated quantization state (scales, zero points, observers)
     quantization/int8.safetensors      the INT8 checkpoint: each quantized weight as int8 plus `<name>.scale`,
                                        every other tensor as saved in model/ (what `sizes` reports)
-    quantization/quantization.json     what was quantized, calibration, zeros before and after
+    quantization/quantization.json     what was quantized (`int8_attention`: the attention's matmuls too),
+                                       calibration, zeros before and after
 
 `restore` turns the run's PyTorch model back into the fake-quantized model the recipe made (its
 reference for the export's parity check), and `export_onnx` writes the graph DeepSparse runs with its
@@ -71,6 +72,11 @@ SMOOTHING_MAPPINGS = {
               [["re:.*gate_proj", "re:.*up_proj"], "re:.*post_attention_layernorm"]],
 }
 
+# Model types whose attention matmuls the INT8 step can quantize (`fp32_attention=false`): SparseML's model
+# modification swaps their self-attention for one computing QK^T and scores x V in quantizable matmul modules,
+# which its modifier quantizes and its export turns into MatMulInteger (checked here for these two).
+INT8_ATTENTION = ("bert", "llama")
+
 
 def check_available(recipe: Recipe, checkpoint: Path) -> None:
     """Fail in one line on a composed recipe whose backend cannot quantize this model (its `checkpoint`
@@ -84,6 +90,10 @@ def check_available(recipe: Recipe, checkpoint: Path) -> None:
     reason = UNSUPPORTED_MODEL_TYPES.get(recipe.backend, {}).get(model_type)
     if reason:
         raise HarnessError(f"recipe {recipe.name} cannot quantize {model_type} models: {reason}")
+    if not recipe.quantization.params.get("fp32_attention", True) and model_type not in INT8_ATTENTION:
+        raise HarnessError(f"recipe {recipe.name}: fp32_attention=false has no quantizable-matmul modification for "
+                           f"{model_type} models here (known: "
+                           f"{', '.join(INT8_ATTENTION)}); use fp32_attention=true")
     if recipe.quantization.params.get("smoothing", 0.0) and model_type not in SMOOTHING_MAPPINGS:
         raise HarnessError(f"recipe {recipe.name}: smoothing has no mappings for {model_type} models "
                            f"(known: {', '.join(SMOOTHING_MAPPINGS)}); use smoothing=0")
@@ -207,12 +217,22 @@ def _as_linear(model):
     return model
 
 
-def _sparseml_quantize(model, text: str, calibration: list[dict]):
+def _quantizable(model, int8_attention: bool):
+    """`model` ready for SparseML's modifier: Conv1D as Linear and, with `int8_attention`, SparseML's own
+    modification of its attention into quantizable matmuls."""
+    import sparseml.transformers.sparsification.modification  # noqa: F401  (registers the modifications)
+    from sparseml.modifiers.quantization_legacy.modification import modify_model
+
+    model = _as_linear(model)
+    return (modify_model(model) if int8_attention else model).eval()
+
+
+def _sparseml_quantize(model, text: str, calibration: list[dict], int8_attention: bool):
     """`model` with SparseML's QAT modules, observers calibrated on `calibration` and then frozen."""
     from harness.backends.sparseml import _loggers, _quiet_sparseml
     from sparseml.pytorch import utils as logger_module
 
-    model = _as_linear(model).eval()
+    model = _quantizable(model, int8_attention)
     with _quiet_sparseml(), _sparseml_qconfig(), \
             tqdm(calibration, desc="INT8 calibration", unit="batch") as batches:  # minutes on a 1.5B model
         _manager(text, model).apply(model, loggers=_loggers(logger_module), calibration_dataloader=batches,
@@ -221,12 +241,12 @@ def _sparseml_quantize(model, text: str, calibration: list[dict]):
     return model
 
 
-def _sparseml_restore(model, text: str):
+def _sparseml_restore(model, text: str, int8_attention: bool):
     """The QAT structure of `text` on `model`, observers off (their state comes from qparams)."""
     from harness.backends.sparseml import _loggers, _quiet_sparseml
     from sparseml.pytorch import utils as logger_module
 
-    model = _as_linear(model).eval()
+    model = _quantizable(model, int8_attention)
     with _quiet_sparseml(), _sparseml_qconfig():
         _manager(text, model).apply_structure(model, loggers=_loggers(logger_module))
     model.apply(torch.ao.quantization.disable_observer)
@@ -290,7 +310,8 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
     text = quantization.render_text(0.0, targets)
     strength = quantization.params.get("smoothing", 0.0)
     smoothed = _smooth(model, strength, calibration) if strength else 0
-    qat = _sparseml_quantize(copy.deepcopy(model), text, calibration)  # the original keeps HF's module names
+    int8_attention = not quantization.params.get("fp32_attention", True)
+    qat = _sparseml_quantize(copy.deepcopy(model), text, calibration, int8_attention)  # the original keeps HF's names
     quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied LM head under its own name too
     missing = sorted(set(quantized) - set(params))
@@ -332,6 +353,7 @@ def quantize(model, recipe: Recipe, calibration: list[dict], targets: list[str],
         "zeros_before": zeros_before, "zeros_after": zeros_after, "zeros_preserved": not lost,
         "int32_biases": len(bias_scales),
         "smoothing": {"strength": strength, "norms": smoothed},
+        "int8_attention": int8_attention,
     }
     target = quantization_dir(output)
     target.mkdir()
@@ -363,7 +385,8 @@ def restore(model, run_path: Path):
     from safetensors.torch import load_file
 
     directory = quantization_dir(run_path)
-    model = _sparseml_restore(model, (directory / RECIPE_FILE).read_text())
+    int8_attention = json.loads((directory / SUMMARY_FILE).read_text()).get("int8_attention", False)
+    model = _sparseml_restore(model, (directory / RECIPE_FILE).read_text(), int8_attention)
     qparams = load_file(directory / QPARAMS_FILE)
     state = model.state_dict()
     unknown = sorted(set(qparams) - set(state))

@@ -120,20 +120,45 @@ def test_int8_graph_has_quantized_ops_and_matches_the_fake_quantized_model(runs)
     assert summary["zeros"]["preserved"] and summary["zeros"]["onnx_percent"] == summary["zeros"]["checkpoint_percent"]
 
 
-def test_int8_graph_compiles_on_deepsparse(runs):
+def _on_deepsparse(run: RunDir, onnx_dir) -> tuple[float, np.ndarray, np.ndarray]:
+    """The run's INT8 graph compiled on DeepSparse: its supported-ops fraction, its output on a sample batch,
+    and ONNX Runtime's on the same batch."""
     deepsparse = pytest.importorskip("deepsparse")
     from harness.onnx_graphs import static_graph
 
-    _, int8, onnx_dir = runs
-    loaded = load.load_model(str(int8.path))
+    loaded = load.load_model(str(run.path))
     values = {name: np.pad(array, ((0, 0), (0, 32 - array.shape[1]))) for name, array in
               export.sample_batch(loaded).items()}
     values["token_type_ids"] = np.zeros_like(values["input_ids"])
     with static_graph(onnx_dir / "model.onnx", {"batch_size": 2, "sequence_length": 32}) as fixed:
         engine = deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
-        assert engine.fraction_of_supported_ops == 1.0
         (hidden,) = engine.run([values[name] for name in ("input_ids", "attention_mask", "token_type_ids")])
-    reference = run_onnx(onnx_dir, "encoder", values)["last_hidden_state"]
+    return engine.fraction_of_supported_ops, hidden, run_onnx(onnx_dir, "encoder", values)["last_hidden_state"]
+
+
+def test_int8_graph_compiles_on_deepsparse(runs):
+    _, int8, onnx_dir = runs
+    supported, hidden, reference = _on_deepsparse(int8, onnx_dir)
+    assert supported == 1.0
+    assert np.abs(hidden - reference).mean() < INT8_ENGINE_RTOL * np.abs(reference).mean()
+
+
+def test_the_attention_matmuls_quantize_too_with_fp32_attention_false(runs):
+    fp32, _, _ = runs
+    int8 = prune.prune("tiny-bert", 50, f"{RECIPE}@fp32_attention=false")
+    assert int8.stage_record("prune")["started_from"] == fp32.relative
+    summary = export.read_json(quantize.quantization_dir(int8.path) / quantize.SUMMARY_FILE)
+    assert summary["int8_attention"] and summary["zeros_preserved"]
+    onnx_dir = export.ensure_onnx(int8)
+    assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == 6 * 2 + 2 * 2  # + QK^T, scores x V per layer
+    loaded = load.load_model(str(int8.path))
+    values = export.sample_batch(loaded)
+    inputs = {name: torch.from_numpy(array) for name, array in values.items()}
+    with torch.no_grad():  # restored with its quantized attention: the graph's integer arithmetic again
+        fake_quantized = quantize.restore(loaded.model, int8.path)(**inputs).last_hidden_state.numpy()
+    assert np.abs(run_onnx(onnx_dir, "encoder", values)["last_hidden_state"] - fake_quantized).max() < INT8_PARITY_ATOL
+    supported, hidden, reference = _on_deepsparse(int8, onnx_dir)
+    assert supported == 1.0
     assert np.abs(hidden - reference).mean() < INT8_ENGINE_RTOL * np.abs(reference).mean()
 
 
@@ -192,6 +217,7 @@ def test_smoothing_and_an_fp32_layer_in_every_block_keep_the_sparsity():
 @pytest.mark.parametrize("model, variant, message", [
     ("tiny-llama", "fp32_layers=down_prj", "fp32_layers=down_prj names no layer of the model"),
     ("tiny-gpt2", "smoothing=0.5", "smoothing has no mappings for gpt2 models (known: llama)"),
+    ("tiny-gpt2", "fp32_attention=false", "fp32_attention=false has no quantizable-matmul modification for gpt2"),
 ])
 def test_a_quantization_parameter_that_cannot_apply_is_one_line(model, variant, message):
     with pytest.raises(HarnessError, match=re.escape(message)) as error:
@@ -199,7 +225,8 @@ def test_a_quantization_parameter_that_cannot_apply_is_one_line(model, variant, 
     assert "\n" not in str(error.value)
 
 
-def test_a_llama_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime():
+@pytest.mark.parametrize("variant, matmuls", [("", 2 * 7), ("@fp32_attention=false", 2 * 7 + 2 * 2)])
+def test_a_llama_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime(variant, matmuls):
     deepsparse = pytest.importorskip("deepsparse")
     from harness.onnx_graphs import static_graph
 
@@ -208,8 +235,8 @@ def test_a_llama_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime():
             return deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
 
     fp32_engine = compiled(export.ensure_onnx(prune.prune("tiny-llama", 50, "sparseml/oneshot-magnitude")))
-    onnx_dir = export.ensure_onnx(prune.prune("tiny-llama", 50, RECIPE))
-    assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == 2 * 7
+    onnx_dir = export.ensure_onnx(prune.prune("tiny-llama", 50, RECIPE + variant))
+    assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == matmuls  # + QK^T, scores x V per block
     engine = compiled(onnx_dir)  # with the rotary embedding as tables: it compiles
     assert engine.fraction_of_supported_ops >= fp32_engine.fraction_of_supported_ops  # (0.96 vs 0.90 here)
     values = {"input_ids": np.arange(2 * 16).reshape(2, 16) % 200, "attention_mask": np.ones((2, 16), dtype=np.int64)}
