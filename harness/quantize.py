@@ -92,8 +92,7 @@ def check_available(recipe: Recipe, checkpoint: Path) -> None:
         raise HarnessError(f"recipe {recipe.name} cannot quantize {model_type} models: {reason}")
     if not recipe.quantization.params.get("fp32_attention", True) and model_type not in INT8_ATTENTION:
         raise HarnessError(f"recipe {recipe.name}: fp32_attention=false has no quantizable-matmul modification for "
-                           f"{model_type} models here (known: "
-                           f"{', '.join(INT8_ATTENTION)}); use fp32_attention=true")
+                           f"{model_type} models here (known: {', '.join(INT8_ATTENTION)}); use fp32_attention=true")
     if recipe.quantization.params.get("smoothing", 0.0) and model_type not in SMOOTHING_MAPPINGS:
         raise HarnessError(f"recipe {recipe.name}: smoothing has no mappings for {model_type} models "
                            f"(known: {', '.join(SMOOTHING_MAPPINGS)}); use smoothing=0")
