@@ -219,11 +219,13 @@ def _as_linear(model):
 def _quantizable(model, int8_attention: bool):
     """`model` ready for SparseML's modifier: Conv1D as Linear and, with `int8_attention`, SparseML's own
     modification of its attention into quantizable matmuls."""
-    import sparseml.transformers.sparsification.modification  # noqa: F401  (registers the modifications)
-    from sparseml.modifiers.quantization_legacy.modification import modify_model
-
     model = _as_linear(model)
-    return (modify_model(model) if int8_attention else model).eval()
+    if int8_attention:  # (sparseml.transformers is a slow import: only for the runs that need it)
+        import sparseml.transformers.sparsification.modification  # noqa: F401  (registers the modifications)
+        from sparseml.modifiers.quantization_legacy.modification import modify_model
+
+        model = modify_model(model)
+    return model.eval()
 
 
 def _sparseml_quantize(model, text: str, calibration: list[dict], int8_attention: bool):

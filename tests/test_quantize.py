@@ -106,18 +106,24 @@ def test_int8_graph_has_quantized_ops_and_matches_the_fake_quantized_model(runs)
     linears = 6 * 2  # q, k, v, attention output, intermediate, output per layer
     assert ops["MatMulInteger"] == linears and ops["QuantizeLinear"] > 0
     assert len(zero_points(graph)) == linears  # every INT8 weight has its zero point
-    loaded = load.load_model(str(int8.path))
-    values = export.sample_batch(loaded)
-    engine = run_onnx(onnx_dir, "encoder", values)["last_hidden_state"]
-    inputs = {name: torch.from_numpy(array) for name, array in values.items()}
-    with torch.no_grad():
-        weights_only = loaded.model(**inputs).last_hidden_state.numpy()
-        fake_quantized = quantize.restore(loaded.model, int8.path)(**inputs).last_hidden_state.numpy()
+    engine, fake_quantized, weights_only = _graph_and_pytorch(int8, onnx_dir)
     assert np.abs(engine - fake_quantized).max() < INT8_PARITY_ATOL
     assert np.abs(engine - weights_only).max() > 10 * INT8_PARITY_ATOL  # activations are INT8 in both
     summary = export.read_json(onnx_dir / "export.json")
     assert summary["precision"] == "int8" and summary["parity"]["ok"]
     assert summary["zeros"]["preserved"] and summary["zeros"]["onnx_percent"] == summary["zeros"]["checkpoint_percent"]
+
+
+def _graph_and_pytorch(run: RunDir, onnx_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """On a sample batch: the INT8 graph's output (ONNX Runtime), the restored fake-quantized PyTorch model's,
+    and the run's PyTorch model's with FP32 activations (its INT8 weights only)."""
+    loaded = load.load_model(str(run.path))
+    values = export.sample_batch(loaded)
+    inputs = {name: torch.from_numpy(array) for name, array in values.items()}
+    with torch.no_grad():
+        weights_only = loaded.model(**inputs).last_hidden_state.numpy()
+        fake_quantized = quantize.restore(loaded.model, run.path)(**inputs).last_hidden_state.numpy()
+    return run_onnx(onnx_dir, "encoder", values)["last_hidden_state"], fake_quantized, weights_only
 
 
 def _on_deepsparse(run: RunDir, onnx_dir) -> tuple[float, np.ndarray, np.ndarray]:
@@ -151,12 +157,8 @@ def test_the_attention_matmuls_quantize_too_with_fp32_attention_false(runs):
     assert summary["int8_attention"] and summary["zeros_preserved"]
     onnx_dir = export.ensure_onnx(int8)
     assert quantized_ops(onnx_dir / "model.onnx")["MatMulInteger"] == 6 * 2 + 2 * 2  # + QK^T, scores x V per layer
-    loaded = load.load_model(str(int8.path))
-    values = export.sample_batch(loaded)
-    inputs = {name: torch.from_numpy(array) for name, array in values.items()}
-    with torch.no_grad():  # restored with its quantized attention: the graph's integer arithmetic again
-        fake_quantized = quantize.restore(loaded.model, int8.path)(**inputs).last_hidden_state.numpy()
-    assert np.abs(run_onnx(onnx_dir, "encoder", values)["last_hidden_state"] - fake_quantized).max() < INT8_PARITY_ATOL
+    engine, fake_quantized, _ = _graph_and_pytorch(int8, onnx_dir)  # restored with its quantized attention
+    assert np.abs(engine - fake_quantized).max() < INT8_PARITY_ATOL
     supported, hidden, reference = _on_deepsparse(int8, onnx_dir)
     assert supported == 1.0
     assert np.abs(hidden - reference).mean() < INT8_ENGINE_RTOL * np.abs(reference).mean()
