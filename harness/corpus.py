@@ -148,7 +148,8 @@ def token_sequences(tokenizer, corpus: str, count: int, seq_len: int, split: str
     while len(ids) < needed:
         before = len(ids)
         for text in source.split(split):
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            # verbose=False: a document longer than the model's context is cut into sequences below, not fed whole
+            ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if separator is not None:
                 ids.append(separator)
             if len(ids) >= needed:

@@ -1,6 +1,7 @@
 """Training corpora: fixed-length sequences from the train split, cached, held-out split disjoint, evaluation data refused."""
 import gzip
 import json
+import logging
 
 import pytest
 
@@ -33,6 +34,17 @@ def test_sequences_are_the_train_documents_cut_to_length_and_cached(tokenizer, d
     cached = list((cache_dir() / "corpora").glob("docs-train-4x32-*.pt"))
     assert len(cached) == 1
     assert (corpus.token_sequences(tokenizer, str(documents), 4, 32) == sequences).all()
+
+
+def test_documents_longer_than_the_context_are_cut_without_a_tokenizer_warning(tokenizer, documents, monkeypatch,
+                                                                              tmp_path, caplog):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tokenizer, "model_max_length", 8)  # each document is about 110 tokens
+    monkeypatch.setattr(tokenizer, "deprecation_warnings", {})  # transformers warns once per tokenizer
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # to caplog's root handler
+    sequences = corpus.token_sequences(tokenizer, str(documents), 2, 32)
+    assert tuple(sequences.shape) == (2, 32)
+    assert not [record for record in caplog.records if "Token indices sequence length" in record.getMessage()]
 
 
 def test_heldout_split_is_every_twentieth_document(tokenizer, documents):
