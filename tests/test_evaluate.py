@@ -1,6 +1,7 @@
 """The eval stage: metric code on inputs with known answers, PyTorch vs DeepSparse parity, every
 evaluator end to end on the tiny models (and minilm) with small LIMITs, and bad input."""
 import json
+import logging
 import math
 import re
 
@@ -105,11 +106,15 @@ class UniformLM(TemplateLM):
         return np.zeros((len(tokens), self.vocab), dtype=np.float32)
 
 
-def test_word_perplexity_of_a_uniform_model_is_known(tmp_path):
+def test_word_perplexity_of_a_uniform_model_is_known(tmp_path, monkeypatch, caplog):
     """The wikitext task YAML + rolling windows score every token exactly once: ppl = V^(tokens/words)."""
     raw = tmp_path / "wiki.test.raw"
     raw.write_text(ARTICLES)
     tokenizer = load.load_model("tiny-gpt2").tokenizer  # byte-level: one token per UTF-8 byte
+    # documents longer than the context are windowed, not truncated: no "indexing errors" warning
+    monkeypatch.setattr(tokenizer, "model_max_length", 16)
+    monkeypatch.setattr(tokenizer, "deprecation_warnings", {})  # transformers warns once per tokenizer
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # to caplog's root handler
     lm = UniformLM(tokenizer, vocab=260, max_length=16)
     job = job_for("wikitext2", data={"test": DataSource("test", files={"text": raw})})
     metrics, examples, _ = language_modeling.run_task(lm, job)
@@ -125,6 +130,7 @@ def test_word_perplexity_of_a_uniform_model_is_known(tmp_path):
     assert metrics["word_perplexity"].value == pytest.approx(math.exp(tokens * math.log(260) / words), rel=1e-9)
     assert metrics["bits_per_byte"].value == pytest.approx(tokens * math.log2(260) / original_bytes, rel=1e-9)
     assert lm.calls == sum(math.ceil(len(wikitext_detokenizer({"page": p}).encode()) / 16) for p in pages)
+    assert not [record for record in caplog.records if "Token indices sequence length" in record.getMessage()]
 
 
 def test_lambada_perplexity_and_accuracy_of_a_uniform_model_are_known():

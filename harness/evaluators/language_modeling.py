@@ -88,13 +88,32 @@ def bootstrap_in_process() -> Iterator[None]:
             os.environ["DISABLE_MULTIPROC"] = before
 
 
+class _WholeDocuments(logging.Filter):
+    """Drops transformers' warning that a text has more tokens than the model's context ("will result in
+    indexing errors"): lm-eval encodes each document whole, then scores it in windows of the context."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token indices sequence length is longer")
+
+
+@contextlib.contextmanager
+def whole_documents_encoded() -> Iterator[None]:
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    log_filter = _WholeDocuments()
+    tokenizer_log.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        tokenizer_log.removeFilter(log_filter)
+
+
 def run_task(lm, job: EvalJob) -> tuple[dict[str, Metric], int, float]:
     """(metrics, examples, seconds) of the benchmark's lm-eval task scored by `lm` (any lm-eval LM)."""
     import lm_eval
 
     task, task_manager = _task(job)
     start = time.time()
-    with bootstrap_in_process():
+    with bootstrap_in_process(), whole_documents_encoded():
         output = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=job.limit,
                                          bootstrap_iters=job.config.get("bootstrap_iters", 1000), log_samples=False)
     scores = output["results"][task]
