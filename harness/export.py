@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
@@ -96,10 +97,13 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     with stage_run(run.manifest_path, "export", inputs) as record:
         with staging_dir(run.path / ONNX_SUBDIR) as tmp:
             if int8:
-                _export_int8(loaded, tmp)
+                _export_int8(loaded, run.path, tmp)
             else:
-                _export(loaded, tmp)
-            parity = check_parity(loaded, tmp, (lambda: load.load_model(spec).model) if int8 else None)
+                export_fp32(loaded, tmp)
+            if int8 and quantize.quantized_graph(run.path):
+                parity = check_parity(loaded, tmp, activations_rtol=quantize.INT8_ACTIVATIONS_RTOL)
+            else:
+                parity = check_parity(loaded, tmp, (lambda: load.load_model(spec).model) if int8 else None)
             zeros = check_zeros(run, tmp)
             graphs = {name: _graph_summary(tmp / name) for name in graph_files(spec.architecture)}
             write_json(tmp / EXPORT_FILE, {"model": spec.name, "architecture": spec.architecture, "task": spec.task,
@@ -110,7 +114,7 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     return run.path / ONNX_SUBDIR
 
 
-def _export(loaded: load.LoadedModel, output: Path) -> None:
+def export_fp32(loaded: load.LoadedModel, output: Path) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
     spec = loaded.spec
@@ -129,11 +133,16 @@ def _export(loaded: load.LoadedModel, output: Path) -> None:
                            f"{', '.join(missing)}")
 
 
-def _export_int8(loaded: load.LoadedModel, output: Path) -> None:
-    """A quantized run's graph through SparseML's QAT export (`quantize.export_onnx`), with config and tokenizer."""
+def _export_int8(loaded: load.LoadedModel, run_path: Path, output: Path) -> None:
+    """A quantized run's graph, with config and tokenizer: the one INC quantized, or SparseML's QAT export
+    (`quantize.export_onnx`)."""
     spec = loaded.spec
+    quantized_graph = quantize.quantized_graph(run_path)
     try:
-        quantize.export_onnx(loaded.model, spec, sample_batch(loaded), output, OPSET)
+        if quantized_graph:
+            shutil.copyfile(quantized_graph, output / graph_files(spec.architecture)[0])
+        else:
+            quantize.export_onnx(loaded.model, spec, sample_batch(loaded), output, OPSET)
     except Exception as exc:
         raise HarnessError(f"INT8 ONNX export (opset {OPSET}) of '{spec.name}' ({spec.architecture}, task {spec.task}) "
                            f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
@@ -195,14 +204,16 @@ def _torch_outputs(model, values: dict[str, np.ndarray], architecture: str, name
                    else output[name]).numpy() for name in names}
 
 
-def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Callable | None = None) -> dict:
+def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Callable | None = None,
+                 activations_rtol: float | None = None) -> dict:
     """Max abs diff between ONNX Runtime and PyTorch on the sample batch; raises if over the tolerance.
 
     An INT8 graph is held to its mean abs diff from the fake-quantized model instead: integer kernels round a
     few activations to the neighbouring step, and a decoder carries such a flip to every later position. It
     must stay within `quantize.INT8_MEAN_RTOL` of the mean output or within `quantize.INT8_FLIP_SHARE` of the
     fake quantization's own effect (the mean abs diff from the run's model with FP32 activations, which
-    `fp32_activations()` loads), whichever is larger: a graph that is not the INT8 model misses by more."""
+    `fp32_activations()` loads), whichever is larger: a graph that is not the INT8 model misses by more. A graph
+    with INT8 activations and no fake-quantized twin (INC's) is held to `activations_rtol` x the mean output."""
     values = sample_batch(loaded)
     architecture = loaded.spec.architecture
     if architecture == "encoder-decoder":
@@ -215,10 +226,14 @@ def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Cal
     diffs, ok = {}, True
     for name, onnx_value in onnx_out.items():
         error = np.abs(reference[name] - onnx_value)
-        checked = "mean_abs_diff" if effect else "max_abs_diff"
-        tolerance = (max(quantize.INT8_MEAN_RTOL * float(np.abs(reference[name]).mean()),
-                         quantize.INT8_FLIP_SHARE * float(np.abs(reference[name] - effect[name]).mean())) if effect
-                     else ATOL + RTOL * float(np.abs(reference[name]).max()))
+        checked = "mean_abs_diff" if effect or activations_rtol else "max_abs_diff"
+        if activations_rtol:
+            tolerance = activations_rtol * float(np.abs(reference[name]).mean())
+        elif effect:
+            tolerance = max(quantize.INT8_MEAN_RTOL * float(np.abs(reference[name]).mean()),
+                            quantize.INT8_FLIP_SHARE * float(np.abs(reference[name] - effect[name]).mean()))
+        else:
+            tolerance = ATOL + RTOL * float(np.abs(reference[name]).max())
         diffs[name] = {"max_abs_diff": float(error.max()), "mean_abs_diff": float(error.mean()), "checked": checked,
                        "tolerance": tolerance}
         ok &= diffs[name][checked] <= tolerance

@@ -7,7 +7,7 @@
         model/                                  the pruned checkpoint (MODEL_SUBDIR)
         sparsity.json                           prune: `Sparsity`
         recovery.json                           prune with recovery: `Recovery`
-        quantization/                           prune with `<pruning>+<quantization>`: INT8 state and checkpoint (QUANTIZATION_SUBDIR)
+        quantization/                           prune with `<pruning>+<quantization>`: INT8 state, checkpoint, INC's INT8 graph (QUANTIZATION_SUBDIR)
         analysis/structure.json, ...            analyze (ANALYSIS_SUBDIR, ANALYSIS_FILES)
         onnx/model.onnx, onnx/export.json       export (ONNX_SUBDIR, EXPORT_FILE)
         bench.json, compressed/                 bench: `Bench` (BENCH_FILE, COMPRESSED_SUBDIR)
@@ -52,8 +52,10 @@ QUANTIZATION_SUBDIR = "quantization"  # a `<pruning>+<quantization>` recipe's IN
 OPENVINO_INT8_SUBDIR = "openvino-int8"  # the export quantized by NNCF for the bench's openvino-int8 engine
 OPENVINO_INT8_FILE = "quantization.json"  # inside openvino-int8/: what it was quantized from and how
 INT8_FILE = "int8.safetensors"  # inside quantization/: the INT8 copy of model/, for its size
+INT8_GRAPH_FILE = "model.onnx"  # inside quantization/: the INT8 graph INC quantized (harness.quantize_inc)
 INT8_CHECKPOINT = f"{QUANTIZATION_SUBDIR}/{INT8_FILE}"
-DERIVED_COPIES = (ONNX_SUBDIR, COMPRESSED_SUBDIR, OPENVINO_INT8_SUBDIR, INT8_CHECKPOINT)  # model-sized copies a sweep may discard
+INT8_GRAPH = f"{QUANTIZATION_SUBDIR}/{INT8_GRAPH_FILE}"
+DERIVED_COPIES = (ONNX_SUBDIR, COMPRESSED_SUBDIR, OPENVINO_INT8_SUBDIR, INT8_CHECKPOINT, INT8_GRAPH)  # model-sized copies a sweep may discard
 
 # stage -> the file that shows it finished (relative to the run directory)
 STAGE_OUTPUTS = {

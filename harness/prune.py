@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import torch
 
-from harness import backends, corpus, layout, load, quantize, recovery, sparsity
+from harness import backends, corpus, layout, load, quantize, quantize_inc, recovery, sparsity
 from harness.errors import HarnessError
 from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
 from harness.recipes import DEFAULT_RECIPE, KIND_VERBS, STEP_MARK, Calibration, Recipe, earlier_steps, load_recipe, \
@@ -25,6 +25,8 @@ from harness.recipes import DEFAULT_RECIPE, KIND_VERBS, STEP_MARK, Calibration, 
 from harness.rundir import PRUNE_SEED, RunDir, parse_level, prune_inputs, stage_run, staging_dir, write_json
 
 LEVEL_TOLERANCE = 0.01  # a fraction: the targets' sparsity after pruning must be within 1 point of the level
+# A quantization recipe's backend -> its step: (loaded, recipe, calibration, targets, staging dir) -> summary.
+QUANTIZERS = {"sparseml": quantize.quantize, "inc": quantize_inc.quantize}
 
 
 def context_length(config) -> int | None:
@@ -176,7 +178,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
                 write_json(tmp / RECOVERY_FILE, to_json(outcomes[0]))
                 record.update(recovery_tokens=outcomes[0].tokens, recovery_wall_time_s=outcomes[0].wall_time_s)
             if recipe.quantization:  # last: the quantized weights are what the run saves
-                quantized = quantize.quantize(loaded.model, recipe, calibration_batches(
+                quantized = QUANTIZERS[recipe.quantization.backend](loaded, recipe, calibration_batches(
                     loaded, recipe.quantization.calibration), targets, tmp)
                 record.update(quantized_weights=quantized["quantized_weights"],
                               quantization_zeros_preserved=quantized["zeros_preserved"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from harness import bench, engines, layout, onnx_graphs
-from harness.quantize import QPARAMS_FILE
+from harness.quantize import SUMMARY_FILE
 from harness.rundir import RunDir, read_json
 from harness.timing import part_inputs
 from conftest import write_run
@@ -80,6 +80,6 @@ def test_the_onnx_engines_compute_a_quantized_run_in_int8():
         "deepsparse": "fp32", "onnxruntime": "fp32", "openvino": "fp32", "openvino-int8": "int8", "pytorch": "fp32"}
     quantized = RunDir("tiny-gpt2", "fixture/magnitude+int8", 90.0)
     (quantized.path / layout.QUANTIZATION_SUBDIR).mkdir(parents=True)
-    (quantized.path / layout.QUANTIZATION_SUBDIR / QPARAMS_FILE).write_bytes(b"")  # what a quantizing prune leaves
+    (quantized.path / layout.QUANTIZATION_SUBDIR / SUMMARY_FILE).write_text("{}")  # what every quantizing prune leaves
     assert {name: engines.engine_precision(engine, quantized) for name, engine in engines.ENGINES.items()} == {
         "deepsparse": "int8", "onnxruntime": "int8", "openvino": "int8", "openvino-int8": "int8", "pytorch": "fp32"}

@@ -55,7 +55,6 @@ def test_a_composed_recipe_names_its_quantization_and_supports_what_both_support
 
 @pytest.mark.parametrize("model, recipe, message", [
     ("tiny-m2m100", RECIPE, "cannot prune encoder-decoder models like 'tiny-m2m100' (it supports: decoder, encoder)"),
-    ("tiny-deberta", "inc/oneshot-magnitude+int8", "onnxruntime.quantization, which does not import"),
     ("tiny-deberta", RECIPE, "cannot quantize deberta-v2 models: SparseML 1.8's INT8 ONNX conversion"),
     ("tiny-deberta", "sparseml/int8", "recipe sparseml/int8 quantizes: compose it after a pruning recipe, "
                                       "e.g. sparseml/oneshot-magnitude+int8"),

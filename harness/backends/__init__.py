@@ -127,10 +127,10 @@ def weight_groups(model, targets: list[str], max_bytes: int) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def quiet(logger: logging.Logger):
-    """Lower a library's logger to WARNING for the duration (SparseML and INC log every layer at INFO)."""
+def quiet(logger: logging.Logger, threshold: int = logging.WARNING):
+    """Raise a library's logger to `threshold` for the duration (SparseML and INC log every layer at INFO)."""
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(threshold)
     try:
         yield
     finally:

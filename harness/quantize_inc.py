@@ -1,0 +1,141 @@
+"""Intel Neural Compressor's post-training static INT8, composed after an INC pruning recipe (`inc/<pruning>+int8`).
+
+INC exports its PyTorch INT8 models to ONNX through `onnxruntime.quantization`, which does not import with the
+pinned onnx==1.14.1. Its ONNX Runtime adaptor quantizes an ONNX graph with INC's own quantizer instead, so this
+step exports the pruned model to ONNX (FP32, parity-checked as every export is), quantizes that graph with
+`neural_compressor.quantization.fit` calibrated on the training corpus, and writes into `quantization/`:
+
+    model.onnx          the INT8 graph (INT8_GRAPH_FILE): QLinearMatMul on every Linear, weights int8, symmetric,
+                        per tensor (zero point 0: a pruned zero stays a zero); the export stage copies it to onnx/
+    recipe.yaml, quantization.json, int8.safetensors   as for SparseML (harness.quantize)
+
+and puts each quantized weight's INT8 value times its scale into the run's PyTorch model, so `sparsity.json` and
+the sizes read the quantized weights (PyTorch computes them with FP32 activations; the graph is the INT8 model).
+The attention's two matmuls, the adds and the embeddings stay FP32: DeepSparse 1.8 failed to compile INC's graph
+with INT8 adds (ONNX Runtime's contrib op QLinearAdd) and INT8 attention matmuls (an assertion in its planner).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from harness import export, quantize as common
+from harness.errors import HarnessError
+from harness.layout import INT8_GRAPH_FILE
+from harness.onnx_graphs import graph_files, graph_io, onnx_feeds
+from harness.recipes import Recipe
+
+ACTIVATION_MATMUL = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+
+
+class _Calibration:
+    """INC's calibration dataloader: one (feeds, label) per calibration sequence."""
+
+    batch_size = 1
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+
+    def __iter__(self):
+        return ((feed, 0) for feed in self.feeds)
+
+
+def _activation_matmuls(graph) -> list[str]:
+    """MatMul nodes with no weight (both inputs computed): the attention's QK^T and scores x V."""
+    initializers = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node
+            if node.op_type == "MatMul" and not any(name in initializers for name in node.input)]
+
+
+def _used_opsets_only(model) -> None:
+    """Drop the operator-set imports ONNX Runtime stamps on the graph but no node uses: DeepSparse refuses
+    the graph over one of them (ai.onnx.ml 5, which its ONNX Runtime 1.15 does not know)."""
+    used = {node.domain for node in model.graph.node} | {""}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]]):
+    """INC's static post-training quantization of an ONNX graph: the quantized onnx.ModelProto."""
+    import onnx
+    from neural_compressor import PostTrainingQuantConfig, quantization, set_workspace
+
+    from harness.backends import quiet
+
+    model = onnx.load(str(fp32_graph))
+    config = yaml.safe_load(config_text)
+    config["op_name_dict"] = {**config.get("op_name_dict", {}),
+                              **{name: ACTIVATION_MATMUL for name in _activation_matmuls(model.graph)}}
+    config["calibration_sampling_size"] = [len(feeds)]
+    with tempfile.TemporaryDirectory(prefix=".inc-", dir=fp32_graph.parent) as workspace, \
+            quiet(logging.getLogger("neural_compressor"), logging.ERROR):  # its tuning strategy warns about mpi4py
+        set_workspace(workspace)  # its tuning history, else ./nc_workspace/ wherever the harness runs
+        quantized = quantization.fit(model, PostTrainingQuantConfig(**config), calib_dataloader=_Calibration(feeds))
+    if quantized is None:
+        raise HarnessError("Intel Neural Compressor found no INT8 graph for the model (quantization.fit returned None)")
+    _used_opsets_only(quantized.model)
+    return quantized.model
+
+
+def graph_weights(graph, params: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{parameter name: (int8 values, scale)} of the graph's QLinearMatMul weights, in the parameter's layout.
+
+    The exporter names a Linear's MatMul after its module (`/encoder/layer.0/attention/self/query/MatMul`)
+    and INC its quantized node after that (`..._quant`)."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    weights = {}
+    for node in graph.node:
+        if node.op_type != "QLinearMatMul" or node.input[3] not in initializers:
+            continue
+        module = node.name.removesuffix("_quant").strip("/").rsplit("/", 1)[0].replace("/", ".")
+        name = f"{module}.weight"
+        values = torch.from_numpy(numpy_helper.to_array(initializers[node.input[3]]).copy()).t()  # [in, out] -> [out, in]
+        zero_point = numpy_helper.to_array(initializers[node.input[5]])
+        if name not in params or tuple(params[name].shape) != tuple(values.shape):
+            raise HarnessError(f"INC's INT8 graph quantizes a MatMul ({node.name}) that is no Linear of the model")
+        if zero_point.any():
+            raise HarnessError(f"INC gave {name} a zero point other than 0: its recipe must quantize weights "
+                               f"symmetrically (scheme: [sym]) so pruned zeros stay zero")
+        scale = torch.tensor(float(numpy_helper.to_array(initializers[node.input[4]]).reshape(-1)[0]))
+        weights[name] = (values, scale)
+    return weights
+
+
+def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str], output: Path) -> dict:
+    """Quantize the pruned `loaded.model`'s ONNX graph with INC, calibrated on `calibration`; write the run's
+    `quantization/` into `output` (the staging run directory) and the quantized weights into the model."""
+    import onnx
+
+    quantization = recipe.quantization
+    text = quantization.render_text(0.0, targets)
+    target = common.quantization_dir(output)
+    fp32_dir = target / "fp32"
+    fp32_dir.mkdir(parents=True)
+    export.export_fp32(loaded, fp32_dir)
+    export.check_parity(loaded, fp32_dir)
+    fp32_graph = fp32_dir / graph_files(loaded.spec.architecture)[0]
+    names = graph_io(fp32_graph)[0]
+    feeds = [onnx_feeds(names, {key: value.numpy() for key, value in batch.items() if key != "labels"})
+             for batch in calibration]
+    int8_graph = _fit(fp32_graph, text, feeds)
+    shutil.rmtree(fp32_dir)
+    params = dict(loaded.model.named_parameters())
+    quantized = graph_weights(int8_graph.graph, params)
+    if not set(quantized) & set(targets):
+        raise HarnessError(f"quantization recipe {quantization.name} quantized none of the pruned target weights "
+                           f"(e.g. {targets[0]})")
+    zeros = common.write_weights(params, quantized, quantization.name)
+    onnx.save(int8_graph, str(target / INT8_GRAPH_FILE))
+    summary = dict(common.summarize(quantization, calibration, quantized, targets, zeros), int8_attention=False,
+                   graph=INT8_GRAPH_FILE)
+    common.write_state(target, text, loaded.model, quantized, summary)
+    return summary

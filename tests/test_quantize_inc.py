@@ -1,0 +1,108 @@
+"""INC's post-training INT8 of the exported graph (`inc/<pruning>+int8`, harness.quantize_inc) on the tiny DeBERTa:
+zeros surviving quantization, the checkpoint holding the graph's INT8 weights, the graph's quantized ops and its
+agreement with PyTorch and DeepSparse, and one-line refusals."""
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from safetensors.torch import load_file
+
+from harness import export, load, prune, quantize
+from harness.errors import HarnessError
+from harness.layout import SPARSITY_FILE, Sparsity
+from harness.onnx_graphs import graph_io, onnx_feeds, quantized_ops, run_onnx, static_graph
+from harness.rundir import RunDir
+from harness.sparsity import saved_tensors
+
+MODEL, RECIPE = "tiny-deberta", "inc/oneshot-magnitude+int8"
+# DeepSparse vs ONNX Runtime on the INT8 graph: mean abs diff / mean |output| (INT8 rounding flips at most)
+ENGINE_RTOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    fp32 = prune.prune(MODEL, 50, "inc/oneshot-magnitude")
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(elsewhere)
+        int8 = prune.prune(MODEL, 50, RECIPE)
+    assert not list(elsewhere.iterdir())  # INC's workspace (tuning history) is not left where the harness ran
+    return fp32, int8, export.ensure_onnx(int8)
+
+
+def test_zeros_survive_and_the_checkpoint_holds_the_graphs_int8_weights(runs):
+    fp32, int8, onnx_dir = runs
+    pruned = dict(saved_tensors(fp32.model_dir))
+    quantized = dict(saved_tensors(int8.model_dir))
+    checkpoint = load_file(quantize.int8_checkpoint(int8.path))
+    targets = int8.read(SPARSITY_FILE, Sparsity).prunable_tensors
+    graph = onnx.load(str(onnx_dir / "model.onnx")).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    graph_weights = [initializers[node.input[3]].T for node in graph.node
+                     if node.op_type == "QLinearMatMul" and node.input[3] in initializers]
+    assert targets and int8.stage_record("prune")["started_from"] == fp32.relative
+    for name in targets:
+        assert torch.equal(quantized[name] == 0, pruned[name] == 0), name  # the same mask, recounted
+        values, scale = checkpoint[name], checkpoint[f"{name}.scale"]
+        assert values.dtype == torch.int8 and torch.equal(values.float() * scale, quantized[name])
+        assert bool(((quantized[name] - pruned[name]).abs() <= scale / 2 + 1e-7).all()), name
+        assert any(np.array_equal(weights, values.numpy()) for weights in graph_weights)  # the graph's own
+    assert int8.read(SPARSITY_FILE, Sparsity).achieved_percent == fp32.read(SPARSITY_FILE, Sparsity).achieved_percent
+    summary = export.read_json(quantize.quantization_dir(int8.path) / quantize.SUMMARY_FILE)
+    assert summary["backend"] == "inc" and summary["zeros_preserved"] and summary["quantized_targets"] == len(targets)
+    assert summary["zeros_after"] >= summary["zeros_before"] > 0  # small weights may round to zero
+
+
+def test_int8_graph_has_quantized_matmuls_and_stays_near_pytorch(runs):
+    fp32, int8, onnx_dir = runs
+    ops = quantized_ops(onnx_dir / "model.onnx")
+    targets = int8.read(SPARSITY_FILE, Sparsity).prunable_tensors
+    assert ops["QLinearMatMul"] == len(targets) + 2 and ops["QuantizeLinear"] > 0  # every Linear, pooler and head too
+    report = export.read_json(onnx_dir / "export.json")
+    assert report["precision"] == "int8" and report["parity"]["ok"] and report["zeros"]["preserved"]
+    loaded = load.load_model(str(int8.path))
+    values = export.sample_batch(loaded)
+    logits = run_onnx(onnx_dir, "encoder", values)["logits"]
+    with torch.no_grad():
+        weights_only = loaded.model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
+        fp32_logits = load.load_model(str(fp32.path)).model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
+    error = np.abs(logits - weights_only).mean()
+    assert 0 < error <= quantize.INT8_ACTIVATIONS_RTOL * np.abs(weights_only).mean()  # INT8 activations, near
+    assert not np.array_equal(weights_only, fp32_logits)  # the run's weights are the quantized ones
+
+
+def test_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime(runs):
+    deepsparse = pytest.importorskip("deepsparse")
+    _, int8, onnx_dir = runs
+    graph = onnx_dir / "model.onnx"
+    names = graph_io(graph)[0]
+    rng = np.random.default_rng(0)
+    feeds = onnx_feeds(names, {"input_ids": rng.integers(5, 100, (2, 16)), "attention_mask": np.ones((2, 16), np.int64)})
+    reference = run_onnx(onnx_dir, "encoder", feeds)["logits"]
+    with static_graph(graph, {"batch_size": 2, "sequence_length": 16}) as fixed:
+        engine = deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
+        (logits,) = engine.run([feeds[name] for name in names])
+    assert np.abs(logits - reference).mean() <= ENGINE_RTOL * np.abs(reference).mean()
+
+
+@pytest.mark.parametrize("model, recipe, message", [
+    ("tiny-gpt2", RECIPE, "cannot prune decoder models like 'tiny-gpt2' (it supports: encoder)"),
+    (MODEL, "inc/oneshot-magnitude+sparseml/int8", "recipe sparseml/int8 is for backend sparseml, not inc"),
+])
+def test_a_combination_that_cannot_work_is_one_line_and_creates_nothing(model, recipe, message):
+    with pytest.raises(HarnessError, match=re.escape(message)) as error:
+        prune.prune(model, 50, recipe)
+    assert "\n" not in str(error.value)
+    assert not RunDir(load.resolve_spec(model).name, recipe, 50).path.parent.exists()
+
+
+def test_discarding_an_inc_int8_run_deletes_its_int8_graph_too(runs):
+    _, int8, _ = runs  # last in this module: the other tests read these files
+    graph = quantize.quantized_graph(int8.path)
+    assert graph is not None
+    int8.discard_artifacts()
+    assert not graph.exists() and not quantize.int8_checkpoint(int8.path).exists()
+    assert "quantization/model.onnx" in int8.manifest()["discarded"]["paths"] and quantize.is_quantized(int8.path)
