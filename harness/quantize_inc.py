@@ -84,7 +84,7 @@ def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]])
     return quantized.model
 
 
-def graph_weights(graph, params: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _graph_weights(graph, params: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{parameter name: (int8 values, scale)} of the graph's QLinearMatMul weights, in the parameter's layout.
 
     The exporter names a Linear's MatMul after its module (`/encoder/layer.0/attention/self/query/MatMul`)
@@ -129,7 +129,7 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     int8_graph = _fit(fp32_graph, text, feeds)
     shutil.rmtree(fp32_dir)
     params = dict(loaded.model.named_parameters())
-    quantized = graph_weights(int8_graph.graph, params)
+    quantized = _graph_weights(int8_graph.graph, params)
     if not set(quantized) & set(targets):
         raise HarnessError(f"quantization recipe {quantization.name} quantized none of the pruned target weights "
                            f"(e.g. {targets[0]})")
