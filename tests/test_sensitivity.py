@@ -86,7 +86,8 @@ def test_replaying_the_unchanged_blocks_measures_what_a_full_forward_does(alias)
     targets = sparsity.prunable_names(loaded.model)
     blocks = layerwise.blocks(loaded.model, targets)
     meter = damage.DamageMeter(loaded.model, damage.heldout_batch(loaded, HELDOUT), blocks)
-    assert [meter.damage(first) for first in range(len(blocks))] == [0.0] * len(blocks)
+    # nothing changed: no damage, up to one float32 step of 1 - cosine (6e-8 on some CPUs' kernels for MiniLM)
+    assert [meter.damage(first) for first in range(len(blocks))] == pytest.approx([0.0] * len(blocks), abs=1e-7)
     last = blocks[-1]
     with torch.no_grad():
         loaded.model.get_parameter(last.targets[0]).mul_(0.5)
