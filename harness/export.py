@@ -92,15 +92,16 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     require_free_space(run.path, int(weights * EXPORT_SIZE_FACTOR), f"the ONNX export of {run.path}")
     loaded = load.load_model(spec)
     int8 = quantize.is_quantized(run.path)
-    if int8:  # the parity reference is the fake-quantized model the recipe made
+    quantized_graph = quantize.quantized_graph(run.path)  # INC quantized the graph itself: no fake-quantized twin
+    if int8 and not quantized_graph:  # the parity reference is the fake-quantized model the recipe made
         loaded = dataclasses.replace(loaded, model=quantize.restore(loaded.model, run.path))
     with stage_run(run.manifest_path, "export", inputs) as record:
         with staging_dir(run.path / ONNX_SUBDIR) as tmp:
             if int8:
-                _export_int8(loaded, run.path, tmp)
+                _export_int8(loaded, quantized_graph, tmp)
             else:
                 export_fp32(loaded, tmp)
-            if int8 and quantize.quantized_graph(run.path):
+            if quantized_graph:
                 parity = check_parity(loaded, tmp, activations_rtol=quantize.INT8_ACTIVATIONS_RTOL)
             else:
                 parity = check_parity(loaded, tmp, (lambda: load.load_model(spec).model) if int8 else None)
@@ -133,11 +134,10 @@ def export_fp32(loaded: load.LoadedModel, output: Path) -> None:
                            f"{', '.join(missing)}")
 
 
-def _export_int8(loaded: load.LoadedModel, run_path: Path, output: Path) -> None:
-    """A quantized run's graph, with config and tokenizer: the one INC quantized, or SparseML's QAT export
-    (`quantize.export_onnx`)."""
+def _export_int8(loaded: load.LoadedModel, quantized_graph: Path | None, output: Path) -> None:
+    """A quantized run's graph, with config and tokenizer: the one INC quantized (`quantized_graph`), or
+    SparseML's QAT export (`quantize.export_onnx`)."""
     spec = loaded.spec
-    quantized_graph = quantize.quantized_graph(run_path)
     try:
         if quantized_graph:
             shutil.copyfile(quantized_graph, output / graph_files(spec.architecture)[0])

@@ -409,12 +409,9 @@ def _untied(tensors: dict) -> dict:
 
 
 def restore(model, run_path: Path):
-    """The run's model (loaded from its model/) as the fake-quantized PyTorch model its recipe made; for a graph
-    INC quantized, the model as it is (INT8 weights, FP32 activations: no PyTorch model has INC's activation steps)."""
+    """The run's model (loaded from its model/) as the fake-quantized PyTorch model its SparseML recipe made."""
     from safetensors.torch import load_file
 
-    if quantized_graph(run_path):
-        return model
     directory = quantization_dir(run_path)
     int8_attention = json.loads((directory / SUMMARY_FILE).read_text()).get("int8_attention", False)
     model = _sparseml_restore(model, (directory / RECIPE_FILE).read_text(), int8_attention)
