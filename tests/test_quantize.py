@@ -169,7 +169,7 @@ def test_sizes_report_the_int8_checkpoint_beside_the_fp32_one(runs):
     assert measured.checkpoint_int8.bytes < measured.checkpoint.bytes
 
 
-def test_an_int8_probe_reads_the_int8_graph(runs):
+def test_an_int8_probe_and_fidelity_read_the_int8_graph(runs):
     _, int8, _ = runs
     (probe,) = evaluate.evaluate(int8, limit=40, cores=1).benchmarks.values()
     engine = probe.deepsparse
@@ -177,6 +177,9 @@ def test_an_int8_probe_reads_the_int8_graph(runs):
     assert engine.agreement is None  # not a check of the graph against PyTorch's probe: the graph is the model
     # its INT8 activations move its embeddings from PyTorch's FP32 ones, a little (random weights: ~1e-6)
     assert 0.99 < engine.mean_cosine_vs_pytorch < 1 - 1e-7
+    (fidelity,) = evaluate.evaluate(int8, ["embedding_fidelity"], limit=40, cores=1).benchmarks.values()
+    assert fidelity.deepsparse.sample == fidelity.examples == 40  # so is the cosine to the dense model's
+    assert 0.99 < fidelity.deepsparse.mean_cosine_vs_pytorch < 1 - 1e-7
 
 
 @pytest.mark.parametrize("model, targets", [("tiny-llama", 2 * 7), ("tiny-gpt2", 4 * 4)])  # GPT-2: Conv1D layers

@@ -8,8 +8,8 @@ A sentence embedding is the mean of the last hidden states over the sentence's t
 - embedding_fidelity: mean cosine between this run's embeddings and those of the dense source
   checkpoint on the same sentences (1.0 = pruning changed nothing).
 
-An INT8 run's probe reads the exported INT8 graph's embeddings (on DeepSparse, or ONNX Runtime where it
-cannot run): PyTorch holds its INT8 weights but computes in FP32, so the deployed graph is the model;
+An INT8 run's probe and fidelity read the exported INT8 graph's embeddings (on DeepSparse, or ONNX Runtime where
+it cannot run): PyTorch holds its INT8 weights but computes in FP32, so the deployed graph is the model;
 its engine check then records the cosine to those PyTorch embeddings.
 """
 from __future__ import annotations
@@ -76,6 +76,15 @@ def _engine_embeddings(job: EvalJob, texts: list[tuple[str]]) -> tuple[np.ndarra
     return embeddings, graph.runtime
 
 
+def _int8_embeddings(job: EvalJob, texts: list[tuple[str]],
+                     pytorch_embeddings: np.ndarray) -> tuple[np.ndarray, EngineCheck]:
+    """An INT8 run's embeddings: its exported graph's, and the engine check with their cosine to PyTorch's."""
+    start = time.time()
+    embeddings, runtime = _engine_embeddings(job, texts)
+    return embeddings, EngineCheck(runtime, round(time.time() - start, 2), sample=len(texts),
+                                   mean_cosine_vs_pytorch=float((embeddings * pytorch_embeddings).sum(1).mean()))
+
+
 def evaluate_probe(job: EvalJob) -> Outcome:
     """SST-2-style probe accuracy; on DeepSparse, agreement of the probe's predictions on a sample."""
     config = job.config
@@ -84,14 +93,12 @@ def evaluate_probe(job: EvalJob) -> Outcome:
     embeddings = embed(job.loaded, texts, config.get("batch_size", 32), f"{job.benchmark} (PyTorch)")
     int8 = quantize.is_quantized(job.loaded.path)
     if int8:
-        start, pytorch_embeddings = time.time(), embeddings
-        embeddings, runtime = _engine_embeddings(job, texts)
+        embeddings, check = _int8_embeddings(job, texts, embeddings)
     regularization, seed = config["C"], config["seed"]
     folds = probe_fold_accuracies(embeddings, labels, config["folds"], seed, regularization)
     outcome = Outcome(len(texts), {"accuracy": mean_metric(folds)}, folds=folds)
     if int8:
-        outcome.deepsparse = EngineCheck(runtime, round(time.time() - start, 2), sample=len(texts),
-                                         mean_cosine_vs_pytorch=float((embeddings * pytorch_embeddings).sum(1).mean()))
+        outcome.deepsparse = check
     elif "deepsparse" in job.engines:
         start = time.time()
         sample = texts[:config.get("engine_sample", 128)]
@@ -110,8 +117,13 @@ def evaluate_fidelity(job: EvalJob) -> Outcome:
     batch_size = config.get("batch_size", 32)
     embeddings = embed(job.loaded, texts, batch_size, f"{job.benchmark} (PyTorch)")
     dense = embed(job.reference_model(), texts, batch_size, f"{job.benchmark} (dense reference)")
+    int8 = quantize.is_quantized(job.loaded.path)
+    if int8:
+        embeddings, check = _int8_embeddings(job, texts, embeddings)
     outcome = Outcome(len(texts), {"mean_cosine": mean_metric((embeddings * dense).sum(1))})
-    if "deepsparse" in job.engines:
+    if int8:
+        outcome.deepsparse = check
+    elif "deepsparse" in job.engines:
         start = time.time()
         sample = texts[:config.get("engine_sample", 128)]
         engine_embeddings, runtime = _engine_embeddings(job, sample)
