@@ -27,6 +27,10 @@ DeepSparse compiles for fixed shapes, so the graphs stay dynamic and a user comp
 With a dynamic sequence axis DeepSparse compiles nothing (fraction_of_supported_ops 0), and its own
 `input_shapes=` argument overwrites the ONNX file in place.
 
+An INT8 run (`<pruning>+int8`) exports its INT8 graph instead: SparseML's QAT export of the fake-quantized model
+(`_sparseml_int8`, below; MatMulInteger with QuantizeLinear ops), checked against that model, or the graph INC
+quantized itself (`quantization/model.onnx`, copied), checked against the run's model with its FP32 activations.
+
 Llama-family rotary embeddings (transformers 4.40) form position x frequency as a MatMul with an
 inner dimension of 1; DeepSparse 1.8's compiler asserts on it (graph.cpp:925) and aborts the
 process. The export writes the same outer product elementwise (`_elementwise_rotary`), which it
@@ -36,13 +40,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import re
 import shutil
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 from harness import load, quantize
 from harness.errors import HarnessError
@@ -136,13 +142,13 @@ def export_fp32(loaded: load.LoadedModel, output: Path) -> None:
 
 def _export_int8(loaded: load.LoadedModel, quantized_graph: Path | None, output: Path) -> None:
     """A quantized run's graph, with config and tokenizer: the one INC quantized (`quantized_graph`), or
-    SparseML's QAT export (`quantize.export_onnx`)."""
+    SparseML's QAT export (`_sparseml_int8`)."""
     spec = loaded.spec
     try:
         if quantized_graph:
             shutil.copyfile(quantized_graph, output / graph_files(spec.architecture)[0])
         else:
-            quantize.export_onnx(loaded.model, spec, sample_batch(loaded), output, OPSET)
+            _sparseml_int8(loaded.model, spec, sample_batch(loaded), output, OPSET)
     except Exception as exc:
         raise HarnessError(f"INT8 ONNX export (opset {OPSET}) of '{spec.name}' ({spec.architecture}, task {spec.task}) "
                            f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
@@ -153,7 +159,6 @@ def _export_int8(loaded: load.LoadedModel, quantized_graph: Path | None, output:
 @contextlib.contextmanager
 def _elementwise_rotary() -> Iterator[None]:
     """Llama's rotary cos/sin with the position x frequency outer product as a broadcast multiply."""
-    import torch
     from transformers.models.llama import modeling_llama
 
     rotary = modeling_llama.LlamaRotaryEmbedding  # its scaling variants call this forward too
@@ -195,8 +200,6 @@ def sample_batch(loaded: load.LoadedModel) -> dict[str, np.ndarray]:
 
 def _torch_outputs(model, values: dict[str, np.ndarray], architecture: str, names: list[str]) -> dict[str, np.ndarray]:
     """The model's outputs `names` (as the graph names them) on `values`, the graph's inputs (position_ids too)."""
-    import torch
-
     kwargs = {k: torch.from_numpy(v) for k, v in values.items()}
     with torch.no_grad():
         output = model(**kwargs)
@@ -311,3 +314,74 @@ def main(args) -> None:
           f"{', '.join(summary['graphs'])} (opset {summary['opset']}); parity max abs diff "
           f"{summary['parity']['max_abs_diff']:.2e}; zeros preserved: "
           f"{summary['zeros']['onnx_percent']:.2f}% in ONNX = {summary['zeros']['checkpoint_percent']:.2f}% in the checkpoint")
+
+
+# --- SparseML's INT8 graph -------------------------------------------------------------------------
+
+class _MainOutput(torch.nn.Module):
+    """The model with the export's input order and only its main output (optimum's graphs have one too)."""
+
+    def __init__(self, model, input_names: list[str], output_name: str):
+        super().__init__()
+        self.model, self.input_names, self.output_name = model, input_names, output_name
+
+    def forward(self, *inputs, **named):  # SparseML runs it once with the named inputs, then traces it positionally
+        return self.model(**named, **dict(zip(self.input_names, inputs)))[self.output_name]
+
+
+@contextlib.contextmanager
+def _rotary_tables(model):
+    """Each rotary-embedding module (Llama's) answering from a table of its cos and sin at every position,
+    computed once by the module itself, instead of from `inv_freq x position_ids`: DeepSparse 1.8 compiles an
+    INT8 Llama graph only without that in-graph product and its Cos / Sin (otherwise "Assertion at
+    src/lib/engine/execution/graph.cpp:925", whichever layers are quantized); the values are the same."""
+    modules = [module for module in model.modules() if type(module).__name__.endswith("RotaryEmbedding")
+               and "position_ids" in inspect.signature(module.forward).parameters]
+    originals = []
+    for module in modules:
+        positions = torch.arange(model.config.max_position_embeddings)[None]
+        with torch.no_grad():
+            cos, sin = module(torch.zeros(1, dtype=torch.float32), positions)
+
+        def lookup(x, position_ids, cos=cos[0], sin=sin[0]):
+            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
+
+        originals.append(module.__dict__.get("forward"))
+        module.forward = lookup
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            del module.forward
+            if original is not None:
+                module.forward = original
+
+
+def _sparseml_int8(qat_model, spec, sample: dict, output: Path, opset: int) -> None:
+    """SparseML's QAT export of the fake-quantized model, converted to quantized ops, into `output/model.onnx`,
+    with optimum's input names and dynamic axes (batch_size, sequence_length); rotary embeddings as tables."""
+    import onnx
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs with TasksManager)
+    from optimum.exporters.tasks import TasksManager
+    from sparseml.pytorch.utils.exporter import export_onnx as sparseml_export
+
+    from harness.backends.sparseml import _quiet_sparseml
+
+    constructor = TasksManager.get_exporter_config_constructor("onnx", qat_model, task=spec.task,
+                                                             library_name="transformers")
+    onnx_config = constructor(qat_model.config)
+    axes = {**onnx_config.inputs, **onnx_config.outputs}
+    input_names, (output_name,) = list(onnx_config.inputs), list(onnx_config.outputs)
+    feeds = onnx_feeds(input_names, sample)
+    batch = OrderedDict((name, torch.from_numpy(feeds[name])) for name in input_names)
+    path = output / "model.onnx"
+    with _quiet_sparseml(), _rotary_tables(qat_model):
+        sparseml_export(_MainOutput(qat_model, input_names, output_name).eval(), batch, str(path), opset=opset,
+                        convert_qat=True, dynamo=False, output_names=[output_name],
+                        dynamic_axes={name: dict(axes[name]) for name in [*input_names, output_name]})
+    graph = onnx.load(str(path), load_external_data=False)  # a large graph keeps its weights beside it
+    for value in [*graph.graph.input, *graph.graph.output]:  # SparseML names every axis 0 "batch"
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param and index in axes.get(value.name, {}):
+                dim.dim_param = axes[value.name][index]
+    onnx.save(graph, str(path))

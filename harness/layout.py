@@ -34,6 +34,7 @@ DISCARDED_NOTE = "DISCARDED.txt"  # left in model/ when its weights were deleted
 SPARSITY_FILE = "sparsity.json"
 RECOVERY_FILE = "recovery.json"
 RESUME_SUFFIX = ".resume"  # runs/<model>/<recipe>/.<level>.resume/: a prune's recovery state until it finishes
+QAT_RESUME_SUBDIR = "qat"  # .<level>.resume/qat/: the state of its quantization-aware training
 ANALYSIS_SUBDIR = "analysis"
 STRUCTURE_JSON = "structure.json"
 STRUCTURE_CSV = "structure.csv"

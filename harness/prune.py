@@ -11,6 +11,7 @@ part (`<pruning>+distil`, else `<pruning>`) instead of pruning and training agai
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 
@@ -19,7 +20,7 @@ import torch
 
 from harness import backends, corpus, layout, load, quantize, quantize_inc, recovery, sparsity
 from harness.errors import HarnessError
-from harness.layout import MANIFEST, MODEL_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
+from harness.layout import MANIFEST, MODEL_SUBDIR, QAT_RESUME_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, to_json
 from harness.recipes import DEFAULT_RECIPE, KIND_VERBS, STEP_MARK, Calibration, Recipe, earlier_steps, load_recipe, \
     parse_overrides
 from harness.rundir import PRUNE_SEED, RunDir, parse_level, prune_inputs, stage_run, staging_dir, write_json
@@ -70,6 +71,20 @@ def check_schedule(backend: backends.Backend, recipe: Recipe, fraction: float) -
         raise HarnessError(f"recipe {recipe.name} schedules {schedule.steps} training steps but its recovery budget "
                            f"is {plan.steps} steps: end its schedule by ${{train_steps}}")
     return schedule
+
+
+def quantization_training(recipe: Recipe):
+    """The plan of a composed recipe's quantization-aware training (its quantization step's `qat_tokens` > 0): the
+    recovery step's settings with that budget and `qat_lr` (if > 0); None without."""
+    params = recipe.quantization.params if recipe.quantization else {}
+    tokens = params.get("qat_tokens", 0)
+    if not tokens:
+        return None
+    if recipe.recovery_header is None:
+        raise HarnessError(f"recipe {recipe.name}: qat_tokens trains with a recovery step's settings: compose "
+                           f"<pruning>{STEP_MARK}distil{STEP_MARK}{recipe.quantization.base_name.rpartition('/')[2]}")
+    plan = recipe.recovery
+    return dataclasses.replace(plan, tokens=tokens, lr=params.get("qat_lr") or plan.lr, ramp=0.0, control=False)
 
 
 def run_inputs(spec: load.ModelSpec, recipe: Recipe, level: float) -> str:
@@ -124,6 +139,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     start, started_from = starting_run(spec, recipe, level) or (None, None)
     if (level == 0 and not (plan and plan.control)) or (started_from and started_from.recovery_header is not None):
         plan = None  # the dense baseline, or a recovered run to quantize
+    qat_plan = quantization_training(recipe)
     gradual = False  # the recipe prunes while training (then the training is its recovery)
     if level > 0 and not start:
         gradual = check_schedule(backend, recipe, level / 100).steps > 0
@@ -150,7 +166,8 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
             job = backends.PruneJob(model=loaded.model, tokenizer=loaded.tokenizer, spec=spec, recipe=recipe,
                                     sparsity=level / 100, targets=targets)
             resume = recovery.Resume(run.resume_dir, plan, targets, inputs) if plan else None
-            teacher = load.load_model(spec, dtype=recovery.teacher_dtype(plan)).model if plan else None
+            teacher = load.load_model(spec, dtype=recovery.teacher_dtype(plan or qat_plan)).model \
+                if plan or qat_plan else None
             outcomes = []
 
             def distil(hooks: recovery.Hooks | None = None) -> layout.Recovery:
@@ -173,22 +190,30 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
             if plan and not gradual:
                 distil()
                 check_level(backend, job)
-            del teacher
             if outcomes:
                 write_json(tmp / RECOVERY_FILE, to_json(outcomes[0]))
                 record.update(recovery_tokens=outcomes[0].tokens, recovery_wall_time_s=outcomes[0].wall_time_s)
             if recipe.quantization:  # last: the quantized weights are what the run saves
+                training = {}
+                if qat_plan:
+                    qat_resume = recovery.Resume(run.resume_dir / QAT_RESUME_SUBDIR, qat_plan, targets, inputs)
+                    training["train"] = lambda qat_model, qat_targets: recovery.recover(
+                        qat_model, teacher, loaded.tokenizer, spec.architecture, qat_targets, qat_plan, qat_resume)
                 quantized = QUANTIZERS[recipe.quantization.backend](loaded, recipe, calibration_batches(
-                    loaded, recipe.quantization.calibration), targets, tmp)
+                    loaded, recipe.quantization.calibration), targets, tmp, **training)
                 record.update(quantized_weights=quantized["quantized_weights"],
                               quantization_zeros_preserved=quantized["zeros_preserved"])
+                if qat_plan:
+                    qat = quantized["qat"]
+                    record.update(qat_tokens=qat["tokens"], qat_wall_time_s=qat["wall_time_s"])
+            del teacher
             loaded.model.save_pretrained(tmp / MODEL_SUBDIR, safe_serialization=True, max_shard_size=load.SHARD_BYTES)
             loaded.tokenizer.save_pretrained(tmp / MODEL_SUBDIR)
             measured = sparsity.measure(tmp / MODEL_SUBDIR, targets, level)
             write_json(tmp / SPARSITY_FILE, to_json(measured))
             record.update(source=str(loaded.path), achieved_percent=measured.achieved_percent,
                           overall_percent=measured.overall_percent)
-    if plan:
+    if plan or qat_plan:
         shutil.rmtree(run.resume_dir, ignore_errors=True)
     print(f"prune: {spec.name} {recipe.name} level {level:g}%: achieved {measured.achieved_percent:.2f}% "
           f"of {measured.prunable_params:,} prunable weights, {measured.overall_percent:.2f}% overall "

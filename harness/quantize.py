@@ -21,9 +21,11 @@ INC's quantization recipe (`recipes/inc/int8.yaml`) quantizes the exported ONNX 
 `quantization/` (harness.quantize_inc); both backends write the weights, the INT8 checkpoint and the summary
 through `write_weights`, `summarize` and `write_state` here.
 
-`restore` turns the run's PyTorch model back into the fake-quantized model the recipe made (its
-reference for the export's parity check), and `export_onnx` writes the graph DeepSparse runs with its
-INT8 kernels: SparseML's QAT export folded into MatMulInteger / QLinearMatMul with QuantizeLinear ops.
+`restore` turns the run's PyTorch model back into the fake-quantized model the recipe made: the export stage
+writes its graph (SparseML's QAT export, `export._sparseml_int8`) and checks the graph against it.
+
+With `qat_tokens` > 0 (and a `+distil` step for its training settings), the calibrated fake-quantized model
+is trained before its weights are read: quantization-aware training, the same distillation as recovery.
 
 SparseML 1.8 was written for torch <= 2.1: with torch 2.x's slotted `QConfig` it cannot attach its
 scheme to a QConfig, so `_sparseml_qconfig` hands it a subclass that can (nothing else changes).
@@ -32,16 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
-from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from harness.errors import HarnessError
-from harness.layout import INT8_FILE, INT8_GRAPH_FILE, MODEL_SUBDIR, QUANTIZATION_SUBDIR
+from harness.layout import INT8_FILE, INT8_GRAPH_FILE, MODEL_SUBDIR, QUANTIZATION_SUBDIR, to_json
 from harness.recipes import Recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -203,7 +204,7 @@ def _forward(batch: dict, module) -> None:
     module(**{name: value for name, value in batch.items() if name != "labels"})
 
 
-def _conv1d_modules(model) -> dict[str, torch.nn.Module]:
+def conv1d_modules(model) -> dict[str, torch.nn.Module]:
     """The model's transformers `Conv1D` layers (GPT-2's: y = x W + b, W stored [in, out]) by name."""
     from transformers.pytorch_utils import Conv1D
 
@@ -213,7 +214,7 @@ def _conv1d_modules(model) -> dict[str, torch.nn.Module]:
 def _as_linear(model):
     """`model` with each `Conv1D` replaced by the equal `torch.nn.Linear` (W stored [out, in]), the layer type
     SparseML's modifier quantizes."""
-    for name, module in _conv1d_modules(model).items():
+    for name, module in conv1d_modules(model).items():
         linear = torch.nn.Linear(*module.weight.shape, dtype=module.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(module.weight.t())
@@ -308,10 +309,14 @@ def check_layers(recipe: Recipe, model) -> None:
                            f"(a module name, or its last part such as down_proj)")
 
 
-def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str], output: Path) -> dict:
+def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str], output: Path,
+             train: Callable | None = None) -> dict:
     """Quantize a pruned `loaded.model` with SparseML's `recipe.quantization`, calibrated on `calibration`; write
     the run's `quantization/` into `output` (the staging run directory) and put the quantized weights into the
-    model (FP32 values INT8 x scale), ready for save_pretrained. Returns the summary."""
+    model (FP32 values INT8 x scale), ready for save_pretrained. Returns the summary.
+
+    With `train` (the recipe's `qat_tokens`: quantization-aware training), the calibrated fake-quantized model is
+    trained before its weights are read: `train(qat_model, its names of the targets)` -> a `layout.Recovery`."""
     from safetensors.torch import save_file
 
     model = loaded.model
@@ -321,8 +326,10 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     smoothed = _smooth(model, strength, calibration) if strength else 0
     int8_attention = not quantization.params.get("fp32_attention", True)
     qat = _sparseml_quantize(copy.deepcopy(model), text, calibration, int8_attention)  # the original keeps HF's names
-    quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied LM head under its own name too
+    transposed = {f"{name}.weight" for name in conv1d_modules(model)}  # quantized as Linear [out, in], stored [in, out]
+    trained = _train(qat, params, transposed, targets, train) if train else None
+    quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
     missing = sorted(set(quantized) - set(params))
     if missing:
         raise HarnessError(f"quantization recipe {quantization.name} quantized {missing[0]}, which the model does not have")
@@ -333,7 +340,6 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     if asymmetric:
         raise HarnessError(f"quantization recipe {quantization.name} gives {asymmetric[0]} a zero point other than 0: "
                            f"quantize weights symmetrically (weights: {{symmetric: true}}) so pruned zeros stay zero")
-    transposed = {f"{name}.weight" for name in _conv1d_modules(model)}  # quantized as Linear [out, in], stored [in, out]
     quantized = {name: (values.t(), scale.t()) if name in transposed else (values, scale)
                  for name, (values, scale, _) in quantized.items()}
     zeros = write_weights(params, quantized, quantization.name)
@@ -348,8 +354,27 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     save_file(qparams, target / QPARAMS_FILE, metadata={"format": "pt"})
     summary = dict(summarize(quantization, calibration, quantized, targets, zeros), int32_biases=len(bias_scales),
                    smoothing={"strength": strength, "norms": smoothed}, int8_attention=int8_attention)
+    if trained:
+        summary["qat"] = to_json(trained)
     write_state(target, text, model, quantized, summary)
     return summary
+
+
+def _train(qat, params: dict, transposed: set[str], targets: list[str], train: Callable):
+    """Quantization-aware training of the calibrated `qat` model by `train`, then its trained weights (norms and
+    biases too, if they trained) copied into `params`, the original model's (`transposed`: its Conv1D weights).
+    The observers stay off: the calibrated scales are fixed, so what trains is the weights under them (and a
+    resumed run needs only the weights)."""
+    names = {_hf_name(name.rpartition(".")[0], name.rpartition(".")[2]): name for name, _ in qat.named_parameters()}
+    unknown = sorted(set(names) - set(params))
+    if unknown:
+        raise HarnessError(f"the quantization-aware model has a parameter the model does not have ({unknown[0]})")
+    trained = train(qat, [names[name] for name in targets])
+    qat_params = dict(qat.named_parameters())
+    with torch.no_grad():
+        for name, qat_name in names.items():
+            params[name].copy_(qat_params[qat_name].t() if name in transposed else qat_params[qat_name])
+    return trained
 
 
 def write_weights(params: dict, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]], recipe_name: str) -> tuple[int, int]:
@@ -425,75 +450,3 @@ def restore(model, run_path: Path):
             state[key].resize_(value.shape)
         state[key].copy_(value)
     return model
-
-
-# --- export ----------------------------------------------------------------------------------------
-
-class _MainOutput(torch.nn.Module):
-    """The model with the export's input order and only its main output (optimum's graphs have one too)."""
-
-    def __init__(self, model, input_names: list[str], output_name: str):
-        super().__init__()
-        self.model, self.input_names, self.output_name = model, input_names, output_name
-
-    def forward(self, *inputs, **named):  # SparseML runs it once with the named inputs, then traces it positionally
-        return self.model(**named, **dict(zip(self.input_names, inputs)))[self.output_name]
-
-
-@contextlib.contextmanager
-def _rotary_tables(model):
-    """Each rotary-embedding module (Llama's) answering from a table of its cos and sin at every position,
-    computed once by the module itself, instead of from `inv_freq x position_ids`: DeepSparse 1.8 compiles an
-    INT8 Llama graph only without that in-graph product and its Cos / Sin (otherwise "Assertion at
-    src/lib/engine/execution/graph.cpp:925", whichever layers are quantized); the values are the same."""
-    modules = [module for module in model.modules() if type(module).__name__.endswith("RotaryEmbedding")
-               and "position_ids" in inspect.signature(module.forward).parameters]
-    originals = []
-    for module in modules:
-        positions = torch.arange(model.config.max_position_embeddings)[None]
-        with torch.no_grad():
-            cos, sin = module(torch.zeros(1, dtype=torch.float32), positions)
-
-        def lookup(x, position_ids, cos=cos[0], sin=sin[0]):
-            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
-
-        originals.append(module.__dict__.get("forward"))
-        module.forward = lookup
-    try:
-        yield
-    finally:
-        for module, original in zip(modules, originals):
-            del module.forward
-            if original is not None:
-                module.forward = original
-
-
-def export_onnx(qat_model, spec, sample: dict, output: Path, opset: int) -> None:
-    """SparseML's QAT export of the fake-quantized model, converted to quantized ops, into `output/model.onnx`,
-    with optimum's input names and dynamic axes (batch_size, sequence_length); rotary embeddings as tables."""
-    import onnx
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs with TasksManager)
-    from optimum.exporters.tasks import TasksManager
-    from sparseml.pytorch.utils.exporter import export_onnx as sparseml_export
-
-    from harness.backends.sparseml import _quiet_sparseml
-    from harness.onnx_graphs import onnx_feeds
-
-    constructor = TasksManager.get_exporter_config_constructor("onnx", qat_model, task=spec.task,
-                                                             library_name="transformers")
-    onnx_config = constructor(qat_model.config)
-    axes = {**onnx_config.inputs, **onnx_config.outputs}
-    input_names, (output_name,) = list(onnx_config.inputs), list(onnx_config.outputs)
-    feeds = onnx_feeds(input_names, sample)
-    batch = OrderedDict((name, torch.from_numpy(feeds[name])) for name in input_names)
-    path = output / "model.onnx"
-    with _quiet_sparseml(), _rotary_tables(qat_model):
-        sparseml_export(_MainOutput(qat_model, input_names, output_name).eval(), batch, str(path), opset=opset,
-                        convert_qat=True, dynamo=False, output_names=[output_name],
-                        dynamic_axes={name: dict(axes[name]) for name in [*input_names, output_name]})
-    graph = onnx.load(str(path), load_external_data=False)  # a large graph keeps its weights beside it
-    for value in [*graph.graph.input, *graph.graph.output]:  # SparseML names every axis 0 "batch"
-        for index, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.dim_param and index in axes.get(value.name, {}):
-                dim.dim_param = axes[value.name][index]
-    onnx.save(graph, str(path))

@@ -222,6 +222,8 @@ def test_smoothing_and_an_fp32_layer_in_every_block_keep_the_sparsity():
     ("tiny-llama", "fp32_layers=down_prj", "fp32_layers=down_prj names no layer of the model"),
     ("tiny-gpt2", "smoothing=0.5", "smoothing has no mappings for gpt2 models (known: llama)"),
     ("tiny-gpt2", "fp32_attention=false", "fp32_attention=false has no quantizable-matmul modification for gpt2"),
+    ("tiny-gpt2", "qat_tokens=640", "qat_tokens trains with a recovery step's settings: compose "
+                                    "<pruning>+distil+int8"),
 ])
 def test_a_quantization_parameter_that_cannot_apply_is_one_line(model, variant, message):
     with pytest.raises(HarnessError, match=re.escape(message)) as error:
@@ -248,6 +250,56 @@ def test_a_llama_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime(vari
     (logits,) = engine.run(list(feeds.values()))
     reference = run_onnx(onnx_dir, "decoder", values)["logits"]
     assert np.abs(logits - reference).mean() < INT8_ENGINE_RTOL * np.abs(reference).mean()
+
+
+QAT = "sparseml/oneshot-magnitude+distil+int8"
+QAT_SMALL = {"tokens": 256, "train_seq_len": 32, "batch_size": 2, "accumulation": 1, "lr": 0.01,
+             "checkpoint_minutes": 0.0}
+QAT_TOKENS = 640  # 10 steps of 2 x 32 tokens
+
+
+def _int8_weights(run: RunDir) -> dict[str, torch.Tensor]:
+    return load_file(quantize.int8_checkpoint(run.path))
+
+
+def test_quantization_aware_training_trains_the_int8_weights_under_the_calibrated_scales():
+    """tiny GPT-2 (its Conv1D layers are trained as Linear and stored back transposed)."""
+    recovered = prune.prune("tiny-gpt2", 50, "sparseml/oneshot-magnitude+distil", QAT_SMALL)
+    post_training = prune.prune("tiny-gpt2", 50, QAT, QAT_SMALL)
+    trained = prune.prune("tiny-gpt2", 50, QAT, {**QAT_SMALL, "qat_tokens": QAT_TOKENS})
+    for run in (post_training, trained):
+        assert run.stage_record("prune")["started_from"] == recovered.relative
+    summary = export.read_json(quantize.quantization_dir(trained.path) / quantize.SUMMARY_FILE)
+    curve = summary["qat"]["curve"]
+    assert summary["qat"]["tokens"] == QAT_TOKENS and len(curve) == 10
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert trained.stage_record("prune")["qat_tokens"] == QAT_TOKENS
+    targets = trained.read(SPARSITY_FILE, Sparsity).prunable_tensors
+    fp32, ptq, qat = (dict(saved_tensors(run.model_dir)) for run in (recovered, post_training, trained))
+    ptq_int8, qat_int8 = _int8_weights(post_training), _int8_weights(trained)
+    moved = 0
+    for name in targets:
+        assert not qat[name][fp32[name] == 0].any(), name  # the mask is fixed (rounding adds zeros)
+        assert torch.equal(qat_int8[f"{name}.scale"], ptq_int8[f"{name}.scale"]), name  # so are the scales
+        assert torch.equal(qat_int8[name].float() * qat_int8[f"{name}.scale"], qat[name]), name  # on the INT8 grid
+        moved += int((qat_int8[name] != ptq_int8[name]).sum())
+    assert moved > 0.05 * sum(int((fp32[name] != 0).sum()) for name in targets)  # training moved INT8 values
+    assert export.read_json(export.ensure_onnx(trained) / "export.json")["parity"]["ok"]
+
+
+def test_a_killed_quantization_aware_training_resumes_to_the_uninterrupted_result():
+    from conftest import killed_after
+
+    params = {**QAT_SMALL, "qat_tokens": QAT_TOKENS}
+    prune.prune("tiny-gpt2", 50, "sparseml/oneshot-magnitude+distil", QAT_SMALL)
+    expected = _int8_weights(prune.prune("tiny-gpt2", 50, QAT, params))  # from the +distil run: QAT trains alone
+    with killed_after(losses=4):
+        prune.prune("tiny-gpt2", 50, QAT, params, force=True)
+    resumed = prune.prune("tiny-gpt2", 50, QAT, params, force=True)
+    summary = export.read_json(quantize.quantization_dir(resumed.path) / quantize.SUMMARY_FILE)
+    assert summary["qat"]["resumed_from"] == 4 and not resumed.resume_dir.exists()
+    actual = _int8_weights(resumed)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 def test_discarding_an_int8_run_deletes_its_int8_checkpoint_and_keeps_its_results(runs):
