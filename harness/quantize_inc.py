@@ -13,10 +13,14 @@ and puts each quantized weight's INT8 value times its scale into the run's PyTor
 the sizes read the quantized weights (PyTorch computes them with FP32 activations; the graph is the INT8 model).
 The attention's two matmuls, the adds and the embeddings stay FP32: DeepSparse 1.8 failed to compile INC's graph
 with INT8 adds (ONNX Runtime's contrib op QLinearAdd) and INT8 attention matmuls (an assertion in its planner).
+So do the recipe's `fp32_layers` and a tied LM head (INC leaves it). Encoders and decoders (GPT-2's Conv1D
+included): DeepSparse compiles all of GPT-2's INT8 graph and most of a Llama's (rotary Cos / Sin included,
+unlike SparseML's export, which needs them as tables).
 """
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +35,7 @@ from harness.layout import INT8_GRAPH_FILE
 from harness.onnx_graphs import graph_files, graph_io, onnx_feeds
 from harness.recipes import Recipe
 
-ACTIVATION_MATMUL = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
 
 
 class _Calibration:
@@ -62,7 +66,16 @@ def _used_opsets_only(model) -> None:
     model.opset_import.extend(kept)
 
 
-def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]]):
+def _fp32_nodes(graph, fp32_layers: str) -> list[str]:
+    """The node-name patterns INC keeps FP32: the attention's matmuls and the MatMuls of the `fp32_layers`
+    (a module name or its last part; the exporter names a Linear's node /<module path>/MatMul, a Conv1D's
+    /<module path>/Gemm, which INC makes a MatMul named Gemm_MatMul)."""
+    path = "[./]".join(re.escape(part) for part in fp32_layers.split("."))  # layers.0 stays one path part
+    layers = [] if fp32_layers == "none" else [f".*/{path}/(Gemm_)?MatMul"]
+    return [re.escape(name) for name in _activation_matmuls(graph)] + layers
+
+
+def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]], fp32_layers: str):
     """INC's static post-training quantization of an ONNX graph: the quantized onnx.ModelProto."""
     import onnx
     from neural_compressor import PostTrainingQuantConfig, quantization, set_workspace
@@ -72,7 +85,7 @@ def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]])
     model = onnx.load(str(fp32_graph))
     config = yaml.safe_load(config_text)
     config["op_name_dict"] = {**config.get("op_name_dict", {}),
-                              **{name: ACTIVATION_MATMUL for name in _activation_matmuls(model.graph)}}
+                              **{pattern: FP32 for pattern in _fp32_nodes(model.graph, fp32_layers)}}
     config["calibration_sampling_size"] = [len(feeds)]
     with tempfile.TemporaryDirectory(prefix=".inc-", dir=fp32_graph.parent) as workspace, \
             quiet(logging.getLogger("neural_compressor"), logging.ERROR):  # its tuning strategy warns about mpi4py
@@ -84,11 +97,13 @@ def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]])
     return quantized.model
 
 
-def _graph_weights(graph, params: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{parameter name: (int8 values, scale)} of the graph's QLinearMatMul weights, in the parameter's layout.
+def _graph_weights(graph, params: dict[str, torch.Tensor],
+                   in_out: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{parameter name: (int8 values, scale)} of the graph's QLinearMatMul weights, in the parameter's layout
+    ([out, in] for a Linear; [in, out], the graph's, for the weights named in `in_out`: GPT-2's Conv1D).
 
-    The exporter names a Linear's MatMul after its module (`/encoder/layer.0/attention/self/query/MatMul`)
-    and INC its quantized node after that (`..._quant`)."""
+    The exporter names a Linear's MatMul after its module (`/encoder/layer.0/attention/self/query/MatMul`;
+    a Conv1D's Gemm: `/transformer/h.0/attn/c_attn/Gemm`) and INC its quantized node after that (`..._quant`)."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in graph.initializer}
@@ -98,7 +113,8 @@ def _graph_weights(graph, params: dict[str, torch.Tensor]) -> dict[str, tuple[to
             continue
         module = node.name.removesuffix("_quant").strip("/").rsplit("/", 1)[0].replace("/", ".")
         name = f"{module}.weight"
-        values = torch.from_numpy(numpy_helper.to_array(initializers[node.input[3]]).copy()).t()  # [in, out] -> [out, in]
+        values = torch.from_numpy(numpy_helper.to_array(initializers[node.input[3]]).copy())  # [in, out]
+        values = values if name in in_out else values.t()
         zero_point = numpy_helper.to_array(initializers[node.input[5]])
         if name not in params or tuple(params[name].shape) != tuple(values.shape):
             raise HarnessError(f"INC's INT8 graph quantizes a MatMul ({node.name}) that is no Linear of the model")
@@ -126,10 +142,11 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     names = graph_io(fp32_graph)[0]
     feeds = [onnx_feeds(names, {key: value.numpy() for key, value in batch.items() if key != "labels"})
              for batch in calibration]
-    int8_graph = _fit(fp32_graph, text, feeds)
+    int8_graph = _fit(fp32_graph, text, feeds, quantization.params.get("fp32_layers", "none"))
     shutil.rmtree(fp32_dir)
     params = dict(loaded.model.named_parameters())
-    quantized = _graph_weights(int8_graph.graph, params)
+    conv1d = {f"{name}.weight" for name in common.conv1d_modules(loaded.model)}
+    quantized = _graph_weights(int8_graph.graph, params, conv1d)
     if not set(quantized) & set(targets):
         raise HarnessError(f"quantization recipe {quantization.name} quantized none of the pruned target weights "
                            f"(e.g. {targets[0]})")
