@@ -211,6 +211,11 @@ def conv1d_modules(model) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
+def conv1d_weights(model) -> set[str]:
+    """The names of the model's Conv1D weights: stored [in, out], where a Linear's are [out, in]."""
+    return {f"{name}.weight" for name in conv1d_modules(model)}
+
+
 def _as_linear(model):
     """`model` with each `Conv1D` replaced by the equal `torch.nn.Linear` (W stored [out, in]), the layer type
     SparseML's modifier quantizes."""
@@ -327,7 +332,7 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     int8_attention = not quantization.params.get("fp32_attention", True)
     qat = _sparseml_quantize(copy.deepcopy(model), text, calibration, int8_attention)  # the original keeps HF's names
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied LM head under its own name too
-    transposed = {f"{name}.weight" for name in conv1d_modules(model)}  # quantized as Linear [out, in], stored [in, out]
+    transposed = conv1d_weights(model)  # quantized as Linear [out, in], stored [in, out]
     trained = _train(qat, params, transposed, targets, train) if train else None
     quantized = {_hf_name(name): parts for name, parts in _quantized_weights(qat).items()}
     missing = sorted(set(quantized) - set(params))

@@ -145,8 +145,7 @@ def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str]
     int8_graph = _fit(fp32_graph, text, feeds, quantization.params.get("fp32_layers", "none"))
     shutil.rmtree(fp32_dir)
     params = dict(loaded.model.named_parameters())
-    conv1d = {f"{name}.weight" for name in common.conv1d_modules(loaded.model)}
-    quantized = _graph_weights(int8_graph.graph, params, conv1d)
+    quantized = _graph_weights(int8_graph.graph, params, common.conv1d_weights(loaded.model))
     if not set(quantized) & set(targets):
         raise HarnessError(f"quantization recipe {quantization.name} quantized none of the pruned target weights "
                            f"(e.g. {targets[0]})")

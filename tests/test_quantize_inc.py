@@ -24,6 +24,28 @@ ENGINE_RTOL = 1e-3
 DECODER_ENGINE_RTOL = 2e-2
 
 
+def _graph_int8_weights(onnx_dir) -> list[np.ndarray]:
+    """The INT8 weights of the graph's QLinearMatMuls, as the graph holds them ([in, out])."""
+    graph = onnx.load(str(onnx_dir / "model.onnx")).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return [initializers[node.input[3]] for node in graph.node
+            if node.op_type == "QLinearMatMul" and node.input[3] in initializers]
+
+
+def _on_deepsparse(onnx_dir, architecture: str, input_ids: np.ndarray):
+    """(the DeepSparse engine compiled for the graph, its logits, ONNX Runtime's logits) on `input_ids` [2, 16]."""
+    import deepsparse
+
+    graph = onnx_dir / "model.onnx"
+    names = graph_io(graph)[0]
+    feeds = onnx_feeds(names, {"input_ids": input_ids, "attention_mask": np.ones((2, 16), np.int64)})
+    reference = run_onnx(onnx_dir, architecture, feeds)["logits"]
+    with static_graph(graph, {"batch_size": 2, "sequence_length": 16}) as fixed:
+        engine = deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
+        (logits,) = engine.run([feeds[name] for name in names])
+    return engine, logits, reference
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     fp32 = prune.prune(MODEL, 50, "inc/oneshot-magnitude")
@@ -41,10 +63,7 @@ def test_zeros_survive_and_the_checkpoint_holds_the_graphs_int8_weights(runs):
     quantized = dict(saved_tensors(int8.model_dir))
     checkpoint = load_file(quantize.int8_checkpoint(int8.path))
     targets = int8.read(SPARSITY_FILE, Sparsity).prunable_tensors
-    graph = onnx.load(str(onnx_dir / "model.onnx")).graph
-    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    graph_weights = [initializers[node.input[3]].T for node in graph.node
-                     if node.op_type == "QLinearMatMul" and node.input[3] in initializers]
+    graph_weights = [weights.T for weights in _graph_int8_weights(onnx_dir)]
     assert targets and int8.stage_record("prune")["started_from"] == fp32.relative
     for name in targets:
         assert torch.equal(quantized[name] == 0, pruned[name] == 0), name  # the same mask, recounted
@@ -77,16 +96,9 @@ def test_int8_graph_has_quantized_matmuls_and_stays_near_pytorch(runs):
 
 
 def test_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime(runs):
-    deepsparse = pytest.importorskip("deepsparse")
+    pytest.importorskip("deepsparse")
     _, int8, onnx_dir = runs
-    graph = onnx_dir / "model.onnx"
-    names = graph_io(graph)[0]
-    rng = np.random.default_rng(0)
-    feeds = onnx_feeds(names, {"input_ids": rng.integers(5, 100, (2, 16)), "attention_mask": np.ones((2, 16), np.int64)})
-    reference = run_onnx(onnx_dir, "encoder", feeds)["logits"]
-    with static_graph(graph, {"batch_size": 2, "sequence_length": 16}) as fixed:
-        engine = deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
-        (logits,) = engine.run([feeds[name] for name in names])
+    _, logits, reference = _on_deepsparse(onnx_dir, "encoder", np.random.default_rng(0).integers(5, 100, (2, 16)))
     assert np.abs(logits - reference).mean() <= ENGINE_RTOL * np.abs(reference).mean()
 
 
@@ -102,10 +114,7 @@ def test_a_decoder_quantizes_every_linear_but_its_fp32_layers_and_its_tied_head(
     onnx_dir = export.ensure_onnx(int8)
     assert quantized_ops(onnx_dir / "model.onnx")["QLinearMatMul"] == len(targets) - len(kept)  # the LM head: FP32
     assert export.read_json(onnx_dir / "export.json")["parity"]["ok"]
-    graph = onnx.load(str(onnx_dir / "model.onnx")).graph
-    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    graph_weights = [initializers[node.input[3]] for node in graph.node
-                     if node.op_type == "QLinearMatMul" and node.input[3] in initializers]
+    graph_weights = _graph_int8_weights(onnx_dir)
     pruned, quantized = dict(saved_tensors(fp32.model_dir)), dict(saved_tensors(int8.model_dir))
     checkpoint = load_file(quantize.int8_checkpoint(int8.path))
     in_out = model == "tiny-gpt2"
@@ -120,16 +129,9 @@ def test_a_decoder_quantizes_every_linear_but_its_fp32_layers_and_its_tied_head(
 
 @pytest.mark.parametrize("model, compiled", [("tiny-llama", 0.9), ("tiny-gpt2", 1.0)])
 def test_a_decoders_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime(model, compiled):
-    deepsparse = pytest.importorskip("deepsparse")
+    pytest.importorskip("deepsparse")
     onnx_dir = export.ensure_onnx(prune.prune(model, 50, RECIPE))
-    graph = onnx_dir / "model.onnx"
-    names = graph_io(graph)[0]
-    feeds = onnx_feeds(names, {"input_ids": np.arange(32).reshape(2, 16) % 200,
-                               "attention_mask": np.ones((2, 16), np.int64)})
-    reference = run_onnx(onnx_dir, "decoder", feeds)["logits"]
-    with static_graph(graph, {"batch_size": 2, "sequence_length": 16}) as fixed:
-        engine = deepsparse.Engine(str(fixed), batch_size=2, num_cores=1)
-        (logits,) = engine.run([feeds[name] for name in names])
+    engine, logits, reference = _on_deepsparse(onnx_dir, "decoder", np.arange(32).reshape(2, 16) % 200)
     assert engine.fraction_of_supported_ops >= compiled  # (Llama 0.92: its rotary Cos / Sin run outside)
     assert np.abs(logits - reference).mean() <= DECODER_ENGINE_RTOL * np.abs(reference).mean()
 
