@@ -43,7 +43,8 @@ where Amdahl's law bites. Sizes on disk: `sizes`.
                     other_matmul_share, max_speedup, parts?: {encoder: {...}, decoder: {...}}}}  (per sequence)
     sizes          {params, checkpoint, checkpoint_gzip, onnx, onnx_gzip, sparse_bitmask: {bytes, bits_per_weight}}
                     (gzip at `gzip_level`, default 6 as the gzip command)
-                    sparse_bitmask = compressed-tensors "sparse-bitmask" format written to <run>/compressed/
+                    sparse_bitmask = compressed-tensors "sparse-bitmask" format written to <run>/compressed/;
+                    a quantized run adds checkpoint_int8 and sparse_bitmask_int8 (the same format, <run>/compressed-int8/)
     warnings       [str]
 
 `items_per_s` counts sequences (batch items) per second.
@@ -274,7 +275,9 @@ def format_table(result: Bench) -> str:
     lines.append("size: " + ", ".join(
         f"{label} {entry.bytes / 1e6:.1f} MB ({entry.bits_per_weight:.1f} b/w)"
         for entry, label in ((size.checkpoint, "checkpoint"), (size.checkpoint_gzip, "gzip"),
-                             (size.sparse_bitmask, "sparse-bitmask"), (size.onnx, "onnx"), (size.onnx_gzip, "onnx gzip"))))
+                             (size.sparse_bitmask, "sparse-bitmask"), (size.onnx, "onnx"), (size.onnx_gzip, "onnx gzip"),
+                             (size.checkpoint_int8, "int8"), (size.sparse_bitmask_int8, "int8 sparse-bitmask"))
+        if entry))
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 

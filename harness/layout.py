@@ -11,6 +11,7 @@
         analysis/structure.json, ...            analyze (ANALYSIS_SUBDIR, ANALYSIS_FILES)
         onnx/model.onnx, onnx/export.json       export (ONNX_SUBDIR, EXPORT_FILE)
         bench.json, compressed/                 bench: `Bench` (BENCH_FILE, COMPRESSED_SUBDIR)
+        compressed-int8/                        bench of a quantized run: its INT8 checkpoint the same way (COMPRESSED_INT8_SUBDIR)
         openvino-int8/                          bench: the OpenVINO INT8 engine's quantized IR (OPENVINO_INT8_SUBDIR)
         eval.json                               eval: `Evaluation`
 
@@ -47,6 +48,7 @@ ONNX_SUBDIR = "onnx"
 EXPORT_FILE = "export.json"  # inside onnx/
 BENCH_FILE = "bench.json"
 COMPRESSED_SUBDIR = "compressed"  # the sparse-bitmask copy the bench writes to measure its size
+COMPRESSED_INT8_SUBDIR = "compressed-int8"  # the same of a quantized run's INT8 checkpoint (sparse + INT8)
 EVAL_FILE = "eval.json"
 SWEEP_FILE = "sweep.json"  # in runs/<model>/
 QUANTIZATION_SUBDIR = "quantization"  # a `<pruning>+<quantization>` recipe's INT8 state and checkpoint (harness.quantize)
@@ -56,7 +58,7 @@ INT8_FILE = "int8.safetensors"  # inside quantization/: the INT8 copy of model/,
 INT8_GRAPH_FILE = "model.onnx"  # inside quantization/: the INT8 graph INC quantized (harness.quantize_inc)
 INT8_CHECKPOINT = f"{QUANTIZATION_SUBDIR}/{INT8_FILE}"
 INT8_GRAPH = f"{QUANTIZATION_SUBDIR}/{INT8_GRAPH_FILE}"
-DERIVED_COPIES = (ONNX_SUBDIR, COMPRESSED_SUBDIR, OPENVINO_INT8_SUBDIR, INT8_CHECKPOINT, INT8_GRAPH)  # model-sized copies a sweep may discard
+DERIVED_COPIES = (ONNX_SUBDIR, COMPRESSED_SUBDIR, COMPRESSED_INT8_SUBDIR, OPENVINO_INT8_SUBDIR, INT8_CHECKPOINT, INT8_GRAPH)  # model-sized copies a sweep may discard
 
 # stage -> the file that shows it finished (relative to the run directory)
 STAGE_OUTPUTS = {
@@ -177,6 +179,7 @@ class Sizes:
     onnx_gzip: SizeEntry
     sparse_bitmask: SizeEntry  # compressed-tensors' sparse-bitmask format, written to compressed/
     checkpoint_int8: SizeEntry | None = None  # a quantized run's INT8 checkpoint (quantization/int8.safetensors)
+    sparse_bitmask_int8: SizeEntry | None = None  # that checkpoint in the sparse-bitmask format (compressed-int8/)
 
 
 @dataclass

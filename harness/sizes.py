@@ -1,7 +1,8 @@
 """A run's size on disk: the checkpoint, its ONNX graphs, both gzipped, and compressed-tensors' sparse-bitmask format.
 
 Gzip sizes are measured by streaming (nothing is written); the sparse-bitmask copy is written to
-`<run>/compressed/`, loadable with compressed-tensors.
+`<run>/compressed/` (a quantized run's INT8 checkpoint also to `<run>/compressed-int8/`: sparse + INT8),
+loadable with compressed-tensors.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from harness import load, onnx_graphs, quantize
-from harness.layout import COMPRESSED_SUBDIR, SizeEntry, Sizes
+from harness.layout import COMPRESSED_INT8_SUBDIR, COMPRESSED_SUBDIR, SizeEntry, Sizes
 from harness.rundir import RunDir, staging_dir, write_json
 
 
@@ -35,8 +36,9 @@ def gzip_size(paths: list[Path], level: int = 6) -> int:
     return counter.size
 
 
-def write_bitmask(run: RunDir) -> Path:
-    """The checkpoint in compressed-tensors' sparse-bitmask format (every tensor: values + bitmask + row
+def write_bitmask(run: RunDir, int8: bool = False) -> Path:
+    """The checkpoint (`int8`: the quantized run's INT8 checkpoint, int8 values and their scales) in
+    compressed-tensors' sparse-bitmask format (every tensor: values in their own dtype + bitmask + row
     offsets), in shards of about load.SHARD_BYTES with an index, so memory holds one shard, not the model."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.sparse_bitmask import BitmaskTensor
@@ -45,7 +47,8 @@ def write_bitmask(run: RunDir) -> Path:
 
     from harness.sparsity import saved_tensors
 
-    target = run.path / COMPRESSED_SUBDIR
+    target = run.path / (COMPRESSED_INT8_SUBDIR if int8 else COMPRESSED_SUBDIR)
+    source = quantize.int8_checkpoint(run.path) if int8 else run.model_dir
     with staging_dir(target) as tmp:
         shards, shard, shard_bytes, zeros, numel = [], {}, 0, 0, 0
 
@@ -53,7 +56,7 @@ def write_bitmask(run: RunDir) -> Path:
             save_file(shard, tmp / f"shard-{len(shards)}", metadata={"format": "pt"})
             shards.append(list(shard))
 
-        for name, tensor in saved_tensors(run.model_dir):
+        for name, tensor in saved_tensors(source):
             parts = BitmaskTensor.from_dense(tensor).dict(name_prefix=name)
             shard.update(parts)
             shard_bytes += sum(part.numel() * part.element_size() for part in parts.values())
@@ -76,27 +79,31 @@ def write_bitmask(run: RunDir) -> Path:
 
 def sizes(run: RunDir, onnx_dir: Path, architecture: str, gzip_level: int = 6) -> Sizes:
     """Bytes and bits per weight of the checkpoint, the ONNX graphs, both gzipped, and the sparse-bitmask format;
-    for a quantized run also its INT8 checkpoint (its ONNX graphs are INT8 already)."""
+    for a quantized run also its INT8 checkpoint, plain and in the sparse-bitmask format (its ONNX graphs are
+    INT8 already)."""
     from harness.sparsity import saved_tensors
 
     params = sum(tensor.numel() for _, tensor in saved_tensors(run.model_dir))
     checkpoint = sorted(run.model_dir.glob("*.safetensors"))
     graphs = [onnx_dir / name for name in onnx_graphs.graph_files(architecture)]
     onnx_files = [p for graph in graphs for p in (graph, graph.with_name(graph.name + "_data")) if p.exists()]
-    bitmask = sorted(write_bitmask(run).glob("*.safetensors"))
+    quantized = quantize.is_quantized(run.path)
 
     def entry(size: int) -> SizeEntry:
         return SizeEntry(bytes=size, bits_per_weight=round(8 * size / params, 3))
+
+    def total(paths) -> int:
+        return sum(p.stat().st_size for p in paths)
 
     with ThreadPoolExecutor(2) as pool:  # zlib releases the GIL: both files compress at once
         checkpoint_gzip, onnx_gzip = pool.map(lambda files: gzip_size(files, gzip_level), [checkpoint, onnx_files])
     return Sizes(
         params=params,
-        checkpoint=entry(sum(p.stat().st_size for p in checkpoint)),
+        checkpoint=entry(total(checkpoint)),
         checkpoint_gzip=entry(checkpoint_gzip),
-        onnx=entry(sum(p.stat().st_size for p in onnx_files)),
+        onnx=entry(total(onnx_files)),
         onnx_gzip=entry(onnx_gzip),
-        sparse_bitmask=entry(sum(p.stat().st_size for p in bitmask)),
-        checkpoint_int8=entry(quantize.int8_checkpoint(run.path).stat().st_size) if quantize.is_quantized(run.path)
-        else None,
+        sparse_bitmask=entry(total(write_bitmask(run).glob("*.safetensors"))),
+        checkpoint_int8=entry(total([quantize.int8_checkpoint(run.path)])) if quantized else None,
+        sparse_bitmask_int8=entry(total(write_bitmask(run, int8=True).glob("*.safetensors"))) if quantized else None,
     )

@@ -56,14 +56,15 @@ def layer_of(name: str) -> str:
 
 
 def saved_tensors(model_dir: Path):
-    """Yield (name, tensor) for each tensor in a checkpoint's safetensors files, one at a time (mmap).
+    """Yield (name, tensor) for each tensor in a checkpoint's safetensors files (or in one such file), one at a
+    time (mmap).
 
     The file is reopened for each tensor: closing the handle releases the mapped pages, so resident
     memory stays near one tensor instead of growing to the size of the whole file.
     """
     from safetensors import safe_open
 
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    files = [Path(model_dir)] if Path(model_dir).is_file() else sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise HarnessError(f"{model_dir} has no .safetensors weights")
     for file in files:

@@ -8,11 +8,12 @@ import onnx
 import pytest
 import torch
 import yaml
+from compressed_tensors.compressors.sparse_bitmask import BitmaskCompressor
 from safetensors.torch import load_file
 
 from harness import evaluate, export, load, prune, quantize, sizes
 from harness.errors import HarnessError
-from harness.layout import RECOVERY_FILE, SPARSITY_FILE, Sparsity
+from harness.layout import COMPRESSED_INT8_SUBDIR, RECOVERY_FILE, SPARSITY_FILE, Sparsity
 from harness.onnx_graphs import onnx_feeds, quantized_ops, run_onnx, zero_points
 from harness.recipes import load_recipe, unquantized
 from harness.rundir import RunDir
@@ -167,6 +168,14 @@ def test_sizes_report_the_int8_checkpoint_beside_the_fp32_one(runs):
     _, int8, onnx_dir = runs
     measured = sizes.sizes(int8, onnx_dir, "encoder", gzip_level=1)
     assert measured.checkpoint_int8.bytes < measured.checkpoint.bytes
+    # sparse + INT8: the INT8 checkpoint in the sparse-bitmask format keeps its int8 values (1 byte each, not 4)
+    assert measured.sparse_bitmask_int8.bytes < measured.sparse_bitmask.bytes
+    original = dict(saved_tensors(quantize.int8_checkpoint(int8.path)))
+    restored = dict(BitmaskCompressor(config=None).decompress(str(int8.path / COMPRESSED_INT8_SUBDIR)))
+    assert restored.keys() == original.keys()
+    assert all(restored[name].dtype == tensor.dtype and torch.equal(restored[name], tensor)
+               for name, tensor in original.items())
+    assert sum(tensor.dtype == torch.int8 for tensor in restored.values()) == 2 * 6 + 1  # the 2 layers' Linears, the pooler
 
 
 def test_an_int8_probe_and_fidelity_read_the_int8_graph(runs):

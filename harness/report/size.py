@@ -17,6 +17,7 @@ SIZE_FORMATS = {
     "onnx": "ONNX graph(s)",
     "onnx_gzip": "ONNX, gzip-compressed",
     "checkpoint_int8": "INT8 checkpoint (INT8 runs: quantized weights as int8 plus scales)",
+    "sparse_bitmask_int8": "the INT8 checkpoint in sparse-bitmask format (INT8 runs: sparse + INT8)",
 }
 PLOTTED_SIZES = ("checkpoint", "checkpoint_gzip", "sparse_bitmask")
 
