@@ -100,6 +100,7 @@ def test_report_is_complete_and_every_table_number_comes_from_the_run_files(swep
     for recipe in RECIPES:
         assert f"### `{recipe}`" in markdown  # the methods section describes each recipe
     assert "Intel Neural Compressor" in markdown and "SparseML" in markdown
+    assert "In this model's runs" not in markdown  # no INT8 run: no pruning-vs-quantization numbers
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert len(images) == 5  # accuracy (one benchmark), speed, speed vs accuracy, size, structure
@@ -342,3 +343,31 @@ def test_a_run_of_an_earlier_recipe_model_entry_or_a_renamed_recipe_is_marked_ou
     assert cells[(RECIPES[0], "50")] == cells[(RECIPES[1], "50")] == "outdated"
     assert cells[("sparseml/magnitude-recover+int8", "50")] == "outdated"
     assert cells[(RECIPES[0], "0")] == cells[(RECIPES[1], "0")] == "done"
+
+
+def test_the_concepts_put_pruning_quantization_and_both_in_the_runs_own_numbers(scratch):
+    """An INT8 run beside its FP32 run (JSON copies with known bench records): the concepts quote each run's own
+    recorded speedups against the fastest dense engines, and the sparse INT8 size."""
+    from harness.rundir import RunDir, read_json, write_json
+
+    fp32, int8 = RunDir(MODEL, RECIPES[0], 50), RunDir(MODEL, f"{RECIPES[0]}+int8", 50)
+    shutil.copytree(fp32.path, int8.path)
+    pruned_earlier(int8.path, recipe=int8.recipe)
+    scenario = next(iter(read_json(fp32.path / "bench.json")["speedups"]))
+    for run, fastest, sizes in (
+            (fp32, {"fp32": ("onnxruntime", 10.0, 2.5), "int8": ("openvino-int8", 4.0, 1.0)}, {}),
+            (int8, {"fp32": ("openvino", 9.0, 4.5), "int8": ("openvino-int8", 4.5, 2.25)},
+             {"checkpoint_int8": 9.0, "sparse_bitmask_int8": 3.5})):
+        bench = read_json(run.path / "bench.json")
+        bench["fastest_dense"] = {scenario: {precision: {"engine": engine, "median_ms": ms, "speedup": speedup}
+                                             for precision, (engine, ms, speedup) in fastest.items()}}
+        bench["sizes"].update({key: {"bytes": 1, "bits_per_weight": bits} for key, bits in sizes.items()})
+        write_json(run.path / "bench.json", bench)
+    markdown = report.report([MODEL])[0].read_text()
+    concepts = markdown.split("## Concepts")[1].split("## Methods used")[0]
+    assert f"**In this model's runs** ({scenario}; " in concepts
+    assert "- Quantization alone: the fastest dense INT8 engine, OpenVINO INT8 at 4 ms, is 2.5× faster" in concepts
+    assert f"- Pruning alone (`{RECIPES[0]}`, 50 %): DeepSparse is 2.5× the fastest dense FP32 engine" in concepts
+    assert (f"- Both (`{int8.recipe}`, 50 %): DeepSparse is 4.5× the fastest dense FP32 engine and 2.25× the fastest "
+            "dense INT8 one; 3.5 bits per weight as sparse INT8 (INT8 alone 9)") in concepts
+    assert "- Had the two gains multiplied, both together would be 6.25×." in concepts

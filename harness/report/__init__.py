@@ -60,7 +60,7 @@ def render(models: ModelRuns, plots: PlotSet, thresholds: Thresholds = Threshold
     """The markdown of one model's report (writing its plots as it goes)."""
     sections = [
         ("Runs and gaps", lambda: section_coverage(models)),
-        ("Concepts", section_concepts),
+        ("Concepts", lambda: section_concepts(models)),
         ("Methods used", lambda: section_methods(models)),
         ("Sparsity reached", lambda: section_sparsity(models)),
         ("Accuracy vs sparsity", lambda: section_accuracy(models, plots)),

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.errors import HarnessError
 from harness.layout import BENCH_FILE, EVAL_FILE
-from harness.recipes import unquantized, variant_name, variant_params
+from harness.recipes import variant_name, variant_params
 from harness.report.accuracy import accuracy_points, benchmark_directions, dense_value, higher_is_better
 from harness.report.format import number, percent
-from harness.report.runs import ModelRuns, Run
+from harness.report.runs import ModelRuns, Run, fp32_recipe
 from harness.report.size import size
 from harness.report.speed import HEADLINE, PLOTTED_ENGINES, SPEED_ENGINES, benched, ideal_speedup, scenarios, speedup
 from harness.rundir import level_name
@@ -108,11 +107,8 @@ def accuracy_challenges(models: ModelRuns, threshold: float) -> list[str]:
 
 def quantization_cost(metric: str, recipe: str, values: list[tuple[Run, float]], series: dict) -> list[str]:
     """A composed INT8 recipe's metric against its FP32 pruning recipe's at the same level: what quantizing costs."""
-    try:
-        fp32 = unquantized(recipe)
-    except HarnessError:  # a run of a recipe since renamed or removed (the coverage section says so)
-        return []
-    fp32_values = {run.level: entry.value for run, entry in series.get(fp32, [])} if fp32 != recipe else {}
+    fp32 = fp32_recipe(recipe)
+    fp32_values = {run.level: entry.value for run, entry in series.get(fp32, [])} if fp32 not in (recipe, None) else {}
     return [f"- {metric}, `{recipe}` at {level_name(run.level)} %: INT8 {number(value)} vs FP32 "
             f"{number(fp32_values[run.level])} (`{fp32}`), {relative_change(value, fp32_values[run.level]):+.1f} %."
             for run, value in sorted(values, key=lambda item: item[0].level)

@@ -1,4 +1,5 @@
-"""The report's explanatory sections: the concepts, each recipe as its runs recorded it, and the sparsity reached."""
+"""The report's explanatory sections: the concepts (with this model's own numbers), each recipe as its runs
+recorded it, and the sparsity reached."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +9,8 @@ import yaml
 
 from harness.layout import SPARSITY_FILE
 from harness.report.format import number, run_link, table
-from harness.report.runs import ModelRuns, Run
+from harness.report.runs import ModelRuns, Run, fp32_recipe
+from harness.report.speed import SPEED_ENGINES, accuracy_metric, sorted_scenarios
 from harness.rundir import level_name
 
 BACKENDS_DIR = Path(__file__).resolve().parents[1] / "backends"
@@ -37,12 +39,82 @@ How they differ: pruning lowers the number of non-zero weights, quantization the
 distillation the model's size or its accuracy loss through training, and MoEfication the share of
 weights each token uses. Only quantization pays off on any runtime; pruning needs sparse-aware kernels
 (DeepSparse here; ONNX Runtime and PyTorch compute zeros like any other value), and MoEfication needs
-routing support. This report measures pruning.
+routing support. This report measures pruning and quantization (INT8), alone and combined.
 """
 
 
-def section_concepts() -> list[str]:
-    return [CONCEPTS]
+def section_concepts(models: ModelRuns) -> list[str]:
+    return [CONCEPTS, *measured_concepts(models)]
+
+
+def measured_concepts(models: ModelRuns) -> list[str]:
+    """Pruning vs quantization in this model's own numbers: at the highest level at which a composed INT8 run and
+    its FP32 pruning run were both benched, the INT8 run fastest against the dense FP32 engines and its FP32 run,
+    in their largest-batch scenario (nothing without such a pair). Each speedup is the one its run's bench
+    recorded against the dense engines it timed itself."""
+    benched = {(run.recipe, run.level): run for run in models.with_output("bench") if run.bench.speedups}
+    pairs = [(run, benched[(fp32_recipe(run.recipe), run.level)]) for run in benched.values()
+             if run.level > 0 and fp32_recipe(run.recipe) not in (run.recipe, None)
+             and (fp32_recipe(run.recipe), run.level) in benched]
+    pairs = [(int8, fp32, shared[-1]) for int8, fp32 in pairs
+             if (shared := sorted_scenarios(set(int8.bench.fastest_dense) & set(fp32.bench.fastest_dense)))]
+    if not pairs:
+        return []
+
+    def fastest_int8_run(pair) -> tuple:
+        best = pair[0].bench.fastest_dense[pair[2]].get("fp32")
+        return pair[0].level, (best.speedup or 0) if best else 0
+
+    int8, fp32, scenario = max(pairs, key=fastest_int8_run)
+    pruned, both = fp32.bench.fastest_dense[scenario], int8.bench.fastest_dense[scenario]
+    metric = accuracy_metric([run for run in models.runs if run.evaluation])
+    dense = next((run for run in models.runs if run.level == 0 and run.evaluation and run.recovery is None
+                  and fp32_recipe(run.recipe) == run.recipe), None)
+
+    def accuracy(run: Run | None) -> str:
+        result = run.evaluation.benchmarks.get(metric[0]) if run and run.evaluation and metric else None
+        value = result.metrics.get(metric[1]) if result and result.status == "done" and result.metrics else None
+        return f", {metric[0]} {metric[1]} {number(value.value)}" if value else ""
+
+    def speedup(fastest: dict, precision: str) -> str:
+        best = fastest.get(precision)
+        return f"{number(best.speedup)}×" if best and best.speedup else "–"
+
+    dense_fp32, dense_int8 = pruned.get("fp32"), pruned.get("int8")
+    quantized = dense_fp32.median_ms / dense_int8.median_ms if dense_fp32 and dense_int8 else None
+    level, sizes = f"{level_name(fp32.level)} %", fp32.bench.sizes
+    lines = [f"**In this model's runs** ({scenario}; the dense model{accuracy(dense)}, its fastest FP32 engine "
+             f"{_engine(dense_fp32)}; the fastest INT8 run at the highest level benched with its FP32 run):", ""]
+    if quantized:
+        lines.append(f"- Quantization alone: the fastest dense INT8 engine, {_engine(dense_int8)}, is "
+                     f"{number(quantized)}× faster (no sparse kernels needed).")
+    lines += [f"- Pruning alone (`{fp32.recipe}`, {level}): DeepSparse is {speedup(pruned, 'fp32')} the fastest "
+              f"dense FP32 engine; {number(sizes.sparse_bitmask.bits_per_weight)} bits per weight in the "
+              f"sparse-bitmask format against {number(sizes.checkpoint.bits_per_weight)} dense{_share(fp32)}"
+              f"{accuracy(fp32)}.",
+              f"- Both (`{int8.recipe}`, {level}): DeepSparse is {speedup(both, 'fp32')} the fastest dense FP32 "
+              f"engine and {speedup(both, 'int8')} the fastest dense INT8 one; "
+              f"{_bits(int8.bench.sizes.sparse_bitmask_int8)} bits per weight as sparse INT8 (INT8 alone "
+              f"{_bits(int8.bench.sizes.checkpoint_int8)}){accuracy(int8)}."]
+    if quantized and dense_fp32.speedup:
+        lines.append(f"- Had the two gains multiplied, both together would be {number(quantized * dense_fp32.speedup)}×.")
+    return [*lines, ""]
+
+
+def _engine(best) -> str:
+    return f"{SPEED_ENGINES.get(best.engine, best.engine)} at {number(best.median_ms)} ms" if best else "not measured"
+
+
+def _share(run: Run) -> str:
+    """What share of all weights the pruned layers hold (the rest, embeddings included, stays dense)."""
+    if not run.sparsity or not run.sparsity.total_params:
+        return ""
+    return (f" (the pruned layers hold {number(100 * run.sparsity.prunable_params / run.sparsity.total_params)} % of "
+            "the weights; the rest stays dense)")
+
+
+def _bits(entry) -> str:
+    return number(entry.bits_per_weight) if entry else "–"
 
 
 def recipe_header(run: Run) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 from harness import layout, load
 from harness.errors import HarnessError
 from harness.paths import runs_dir
-from harness.recipes import load_recipe
+from harness.recipes import load_recipe, unquantized
 from harness.rundir import RunDir, prune_inputs, read_json, safe_name
 
 REPORTED_STAGES = ("prune", "analyze", "bench", "eval")  # the stages whose outputs the report reads
@@ -126,6 +126,15 @@ class ModelRuns:
         """Whether a missing output of an expected stage is a gap for `run`. A shape-only run that a sweep ran expects
         only the stages the sweep was asked for (`make bench-shapes` prunes and analyses INC's runs)."""
         return not (self.shape_only and run.ledger and stage not in run.ledger)
+
+
+def fp32_recipe(recipe: str) -> str | None:
+    """The FP32 recipe that a composed INT8 recipe quantizes (any other recipe: itself); None for a recipe since
+    renamed or removed (the coverage section says so)."""
+    try:
+        return unquantized(recipe)
+    except HarnessError:
+        return None
 
 
 def read_ledger(model_dir: Path) -> dict:
