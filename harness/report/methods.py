@@ -52,24 +52,25 @@ def measured_concepts(models: ModelRuns) -> list[str]:
     its FP32 pruning run were both benched, the INT8 run fastest against the dense FP32 engines and its FP32 run,
     in their largest-batch scenario (nothing without such a pair). Each speedup is the one its run's bench
     recorded against the dense engines it timed itself."""
+    fp32_of = {recipe: fp32_recipe(recipe) for recipe in models.recipes}  # each recipe looked up once
     benched = {(run.recipe, run.level): run for run in models.with_output("bench") if run.bench.speedups}
-    pairs = [(run, benched[(fp32_recipe(run.recipe), run.level)]) for run in benched.values()
-             if run.level > 0 and fp32_recipe(run.recipe) not in (run.recipe, None)
-             and (fp32_recipe(run.recipe), run.level) in benched]
+    pairs = [(run, twin) for run in benched.values() if run.level > 0 and fp32_of[run.recipe] not in (run.recipe, None)
+             and (twin := benched.get((fp32_of[run.recipe], run.level)))]
     pairs = [(int8, fp32, shared[-1]) for int8, fp32 in pairs
              if (shared := sorted_scenarios(set(int8.bench.fastest_dense) & set(fp32.bench.fastest_dense)))]
     if not pairs:
         return []
 
     def fastest_int8_run(pair) -> tuple:
-        best = pair[0].bench.fastest_dense[pair[2]].get("fp32")
-        return pair[0].level, (best.speedup or 0) if best else 0
+        int8, _, scenario = pair
+        best = int8.bench.fastest_dense[scenario].get("fp32")
+        return int8.level, (best.speedup or 0) if best else 0
 
     int8, fp32, scenario = max(pairs, key=fastest_int8_run)
     pruned, both = fp32.bench.fastest_dense[scenario], int8.bench.fastest_dense[scenario]
     metric = accuracy_metric([run for run in models.runs if run.evaluation])
     dense = next((run for run in models.runs if run.level == 0 and run.evaluation and run.recovery is None
-                  and fp32_recipe(run.recipe) == run.recipe), None)
+                  and fp32_of[run.recipe] == run.recipe), None)
 
     def accuracy(run: Run | None) -> str:
         result = run.evaluation.benchmarks.get(metric[0]) if run and run.evaluation and metric else None
