@@ -131,7 +131,7 @@ def plan(job, scores: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]
         raise HarnessError(f"recipe {job.recipe.name}: allocation owl reads calibration activations; give it "
                            f"calibration samples (e.g. {job.recipe.base_name}@allocation=owl,samples=32)")
     weights = dict(job.model.named_parameters())
-    request = Request(job.spec.name, job.recipe.base_name, {t: weights[t].numel() for t in job.targets}, job.sparsity,
+    request = Request(job.spec.name, job.recipe.pruning_name, {t: weights[t].numel() for t in job.targets}, job.sparsity,
                       (float(params.get("min_level", 0.0)) / 100, float(params.get("max_level", 100.0)) / 100),
                       params, scores)
     return ALLOCATIONS[name](request)

@@ -98,6 +98,11 @@ class Recipe:
         return self.name.partition(VARIANT_MARK)[0]
 
     @property
+    def pruning_name(self) -> str:
+        """The pruning recipe file's name: a composed recipe's first part (`a/b+distil@x=1` -> `a/b`)."""
+        return self.base_name.partition(STEP_MARK)[0]
+
+    @property
     def calibration(self) -> Calibration:
         calibration = Calibration(**self._section_fields(self.calibration_header, "calibration", Calibration))
         if type(calibration.samples) is not int or calibration.samples < 0 \

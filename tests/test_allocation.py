@@ -182,7 +182,11 @@ def test_sensitivity_allocation_reads_make_sensitivity_and_keeps_the_level():
         prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude", {"allocation": "sensitivity"})
     sensitivity.sensitivity("tiny-llama", "sparseml/oneshot-magnitude", levels=[50, 90], granularity="block",
                             heldout=damage.HeldOut(sequences=2, seq_len=32))
+    # a composed recipe (pruned here, with no one-shot run to start from) reads its pruning recipe's results
+    training = {"tokens": 256, "train_seq_len": 32, "batch_size": 2, "accumulation": 1}
+    recovered = prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude+distil", {"allocation": "sensitivity", **training})
     run = prune.prune("tiny-llama", 60, "sparseml/oneshot-magnitude", {"allocation": "sensitivity"})
     recorded = read_json(run.path / SPARSITY_FILE)
     assert recorded["achieved_percent"] == pytest.approx(60, abs=0.01)
     assert len(set(recorded["per_layer_percent"].values())) == 2  # the blocks' damage differs, so do their levels
+    assert read_json(recovered.path / SPARSITY_FILE)["per_layer_percent"] == recorded["per_layer_percent"]
