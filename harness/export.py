@@ -98,8 +98,8 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
     require_free_space(run.path, int(weights * EXPORT_SIZE_FACTOR), f"the ONNX export of {run.path}")
     loaded = load.load_model(spec)
     int8 = quantize.is_quantized(run.path)
-    quantized_graph = quantize.quantized_graph(run.path)  # INC quantized the graph itself: no fake-quantized twin
-    if int8 and not quantized_graph:  # the parity reference is the fake-quantized model the recipe made
+    quantized_graph = quantize.quantized_graph(run.path)  # INC quantized the graph itself
+    if int8:  # the parity reference is the fake-quantized model the recipe made
         loaded = dataclasses.replace(loaded, model=quantize.restore(loaded.model, run.path))
     with stage_run(run.manifest_path, "export", inputs) as record:
         with staging_dir(run.path / ONNX_SUBDIR) as tmp:
@@ -107,10 +107,7 @@ def ensure_onnx(run: RunDir, force: bool = False) -> Path:
                 _export_int8(loaded, quantized_graph, tmp)
             else:
                 export_fp32(loaded, tmp)
-            if quantized_graph:
-                parity = check_parity(loaded, tmp, activations_rtol=quantize.INT8_ACTIVATIONS_RTOL)
-            else:
-                parity = check_parity(loaded, tmp, (lambda: load.load_model(spec).model) if int8 else None)
+            parity = check_parity(loaded, tmp, (lambda: load.load_model(spec).model) if int8 else None)
             zeros = check_zeros(run, tmp)
             graphs = {name: _graph_summary(tmp / name) for name in graph_files(spec.architecture)}
             write_json(tmp / EXPORT_FILE, {"model": spec.name, "architecture": spec.architecture, "task": spec.task,
@@ -207,16 +204,14 @@ def _torch_outputs(model, values: dict[str, np.ndarray], architecture: str, name
                    else output[name]).numpy() for name in names}
 
 
-def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Callable | None = None,
-                 activations_rtol: float | None = None) -> dict:
+def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Callable | None = None) -> dict:
     """Max abs diff between ONNX Runtime and PyTorch on the sample batch; raises if over the tolerance.
 
     An INT8 graph is held to its mean abs diff from the fake-quantized model instead: integer kernels round a
     few activations to the neighbouring step, and a decoder carries such a flip to every later position. It
     must stay within `quantize.INT8_MEAN_RTOL` of the mean output or within `quantize.INT8_FLIP_SHARE` of the
     fake quantization's own effect (the mean abs diff from the run's model with FP32 activations, which
-    `fp32_activations()` loads), whichever is larger: a graph that is not the INT8 model misses by more. A graph
-    with INT8 activations and no fake-quantized twin (INC's) is held to `activations_rtol` x the mean output."""
+    `fp32_activations()` loads), whichever is larger: a graph that is not the INT8 model misses by more."""
     values = sample_batch(loaded)
     architecture = loaded.spec.architecture
     if architecture == "encoder-decoder":
@@ -229,10 +224,8 @@ def check_parity(loaded: load.LoadedModel, onnx_dir: Path, fp32_activations: Cal
     diffs, ok = {}, True
     for name, onnx_value in onnx_out.items():
         error = np.abs(reference[name] - onnx_value)
-        checked = "mean_abs_diff" if effect or activations_rtol else "max_abs_diff"
-        if activations_rtol:
-            tolerance = activations_rtol * float(np.abs(reference[name]).mean())
-        elif effect:
+        checked = "mean_abs_diff" if effect else "max_abs_diff"
+        if effect:
             tolerance = max(quantize.INT8_MEAN_RTOL * float(np.abs(reference[name]).mean()),
                             quantize.INT8_FLIP_SHARE * float(np.abs(reference[name] - effect[name]).mean()))
         else:

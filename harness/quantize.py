@@ -22,7 +22,7 @@ INC's quantization recipe (`recipes/inc/int8.yaml`) quantizes the exported ONNX 
 through `write_weights`, `summarize` and `write_state` here.
 
 `restore` turns the run's PyTorch model back into the fake-quantized model the recipe made: the export stage
-writes its graph (SparseML's QAT export, `export._sparseml_int8`) and checks the graph against it.
+writes its graph (SparseML's QAT export, `export._sparseml_int8`, or INC's graph) and checks the graph against it.
 
 With `qat_tokens` > 0 (and a `+distil` step for its training settings), the calibrated fake-quantized model
 is trained before its weights are read: quantization-aware training, the same distillation as recovery.
@@ -63,11 +63,6 @@ UNSUPPORTED_MODEL_TYPES = {
 # to Llama's activation outliers, so one flip moves much). The bound is the larger of the two below.
 INT8_MEAN_RTOL = 3e-2  # mean |ONNX - fake-quantized| <= this x mean |fake-quantized|, or
 INT8_FLIP_SHARE = 0.25  # <= this x mean |fake-quantized - FP32 activations| (the quantization's own effect)
-# A graph INC quantized has no fake-quantized PyTorch twin: it is held to its mean abs diff from the run's model
-# (INT8 weights, FP32 activations), which is the effect of its INT8 activations. MiniLM 90 %: 0.34 x the mean
-# |output| on the export's sample (pooled embeddings of 8 SST-2 sentences: cosine 0.97); the dense model's output
-# differs from that run's by 1.24x.
-INT8_ACTIVATIONS_RTOL = 0.5
 # SmoothQuant (the quantization recipe's `smoothing` strength > 0) per model type: SparseML's SmoothQuantModifier
 # mappings, [the layers sharing an input, the norm whose output is that input]; it divides the norm's output
 # per channel by a scale and multiplies the layers' input columns by it (the same function, flatter
@@ -439,9 +434,15 @@ def _untied(tensors: dict) -> dict:
 
 
 def restore(model, run_path: Path):
-    """The run's model (loaded from its model/) as the fake-quantized PyTorch model its SparseML recipe made."""
+    """The run's model (loaded from its model/) as the fake-quantized PyTorch model its recipe made: SparseML's,
+    or for a graph INC quantized, the model rounding its activations like that graph."""
     from safetensors.torch import load_file
 
+    graph = quantized_graph(run_path)
+    if graph:
+        from harness import quantize_inc  # it imports this module
+
+        return quantize_inc.with_int8_activations(model, graph)
     directory = quantization_dir(run_path)
     int8_attention = json.loads((directory / SUMMARY_FILE).read_text()).get("int8_attention", False)
     model = _sparseml_restore(model, (directory / RECIPE_FILE).read_text(), int8_attention)

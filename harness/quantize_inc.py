@@ -11,6 +11,7 @@ step exports the pruned model to ONNX (FP32, parity-checked as every export is),
 
 and puts each quantized weight's INT8 value times its scale into the run's PyTorch model, so `sparsity.json` and
 the sizes read the quantized weights (PyTorch computes them with FP32 activations; the graph is the INT8 model).
+`with_int8_activations` makes that model round like the graph: the export's parity reference.
 The attention's two matmuls, the adds and the embeddings stay FP32: DeepSparse 1.8 failed to compile INC's graph
 with INT8 adds (ONNX Runtime's contrib op QLinearAdd) and INT8 attention matmuls (an assertion in its planner).
 So do the recipe's `fp32_layers` and a tied LM head (INC leaves it). Encoders and decoders (GPT-2's Conv1D
@@ -23,6 +24,7 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,22 +99,29 @@ def _fit(fp32_graph: Path, config_text: str, feeds: list[dict[str, np.ndarray]],
     return quantized.model
 
 
+def _module_of(node) -> str:
+    """The module a QLinearMatMul quantizes: the exporter names a Linear's MatMul after its module
+    (`/encoder/layer.0/attention/self/query/MatMul`; a Conv1D's Gemm: `/transformer/h.0/attn/c_attn/Gemm`) and
+    INC its quantized node after that (`..._quant`)."""
+    return node.name.removesuffix("_quant").strip("/").rsplit("/", 1)[0].replace("/", ".")
+
+
+def _weight_matmuls(graph) -> list:
+    """The graph's QLinearMatMuls with a weight (an initializer as second input)."""
+    initializers = {init.name for init in graph.initializer}
+    return [node for node in graph.node if node.op_type == "QLinearMatMul" and node.input[3] in initializers]
+
+
 def _graph_weights(graph, params: dict[str, torch.Tensor],
                    in_out: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{parameter name: (int8 values, scale)} of the graph's QLinearMatMul weights, in the parameter's layout
-    ([out, in] for a Linear; [in, out], the graph's, for the weights named in `in_out`: GPT-2's Conv1D).
-
-    The exporter names a Linear's MatMul after its module (`/encoder/layer.0/attention/self/query/MatMul`;
-    a Conv1D's Gemm: `/transformer/h.0/attn/c_attn/Gemm`) and INC its quantized node after that (`..._quant`)."""
+    ([out, in] for a Linear; [in, out], the graph's, for the weights named in `in_out`: GPT-2's Conv1D)."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in graph.initializer}
     weights = {}
-    for node in graph.node:
-        if node.op_type != "QLinearMatMul" or node.input[3] not in initializers:
-            continue
-        module = node.name.removesuffix("_quant").strip("/").rsplit("/", 1)[0].replace("/", ".")
-        name = f"{module}.weight"
+    for node in _weight_matmuls(graph):
+        name = f"{_module_of(node)}.weight"
         values = torch.from_numpy(numpy_helper.to_array(initializers[node.input[3]]).copy())  # [in, out]
         values = values if name in in_out else values.t()
         zero_point = numpy_helper.to_array(initializers[node.input[5]])
@@ -124,6 +133,76 @@ def _graph_weights(graph, params: dict[str, torch.Tensor],
         scale = torch.tensor(float(numpy_helper.to_array(initializers[node.input[4]]).reshape(-1)[0]))
         weights[name] = (values, scale)
     return weights
+
+
+@dataclass(frozen=True)
+class _Step:
+    """An INT8 activation step of the graph: a value is (q - zero_point) x scale, q an integer in [low, high]."""
+
+    scale: float
+    zero_point: int
+    low: int
+    high: int
+
+    def round(self, values: torch.Tensor) -> torch.Tensor:
+        steps = torch.clamp(torch.round(values / self.scale) + self.zero_point, self.low, self.high)
+        return (steps - self.zero_point) * self.scale
+
+
+def _activation_steps(graph) -> dict[str, tuple[_Step, _Step]]:
+    """{module name: (its input's step, its product's step)} for each QLinearMatMul of the graph with a weight
+    (QLinearMatMul inputs: x, x scale, x zero point, w, w scale, w zero point, y scale, y zero point)."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+
+    def step(scale: str, zero_point: str) -> _Step:
+        zero = numpy_helper.to_array(initializers[zero_point])
+        limits = np.iinfo(zero.dtype)
+        return _Step(float(numpy_helper.to_array(initializers[scale]).reshape(-1)[0]), int(zero.reshape(-1)[0]),
+                     int(limits.min), int(limits.max))
+
+    return {_module_of(node): (step(node.input[1], node.input[2]), step(node.input[6], node.input[7]))
+            for node in _weight_matmuls(graph)}
+
+
+class _GraphRounding:
+    """Hooks rounding a quantized layer's input to its QLinearMatMul's input step and its product, before the
+    bias, to the output step. Only a layer's first call in a forward is the QLinearMatMul: the exporter names
+    later calls `<module>_1/MatMul`, ... (DeBERTa's query and key projections of the relative positions), with
+    the weight as an input, not an initializer, and INC keeps those FP32 like the attention's matmuls."""
+
+    def __init__(self, model, steps: dict[str, tuple[_Step, _Step]]):
+        self.steps = steps
+        self.calls: dict[str, int] = {}
+        model.register_forward_pre_hook(lambda module, args: self.calls.clear())
+
+    def round_input(self, name: str, args: tuple):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return (self.steps[name][0].round(args[0]), *args[1:]) if self.calls[name] == 1 else None
+
+    def round_product(self, name: str, module, output: torch.Tensor):
+        if self.calls[name] > 1:
+            return None
+        step, bias = self.steps[name][1], module.bias
+        return step.round(output) if bias is None else step.round(output - bias) + bias
+
+
+def with_int8_activations(model, graph_path: Path):
+    """The run's `model` (INT8 weights) rounding its activations like INC's INT8 graph at `graph_path` (hooks; the
+    model changes in place). INC makes no fake-quantized PyTorch model; this is the export's parity reference."""
+    import onnx
+
+    modules = dict(model.named_modules())
+    graph = onnx.load(str(graph_path), load_external_data=False).graph  # the steps are small inline initializers
+    rounding = _GraphRounding(model, _activation_steps(graph))
+    for name in rounding.steps:
+        if name not in modules:
+            raise HarnessError(f"INC's INT8 graph {graph_path} quantizes a MatMul of {name}, which the model lacks")
+        modules[name].register_forward_pre_hook(lambda module, args, name=name: rounding.round_input(name, args))
+        modules[name].register_forward_hook(
+            lambda module, args, output, name=name: rounding.round_product(name, module, output))
+    return model
 
 
 def quantize(loaded, recipe: Recipe, calibration: list[dict], targets: list[str], output: Path) -> dict:

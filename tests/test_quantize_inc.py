@@ -87,12 +87,24 @@ def test_int8_graph_has_quantized_matmuls_and_stays_near_pytorch(runs):
     loaded = load.load_model(str(int8.path))
     values = export.sample_batch(loaded)
     logits = run_onnx(onnx_dir, "encoder", values)["logits"]
-    with torch.no_grad():
-        weights_only = loaded.model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
-        fp32_logits = load.load_model(str(fp32.path)).model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
-    error = np.abs(logits - weights_only).mean()
-    assert 0 < error <= quantize.INT8_ACTIVATIONS_RTOL * np.abs(weights_only).mean()  # INT8 activations, near
+
+    def outputs(model) -> np.ndarray:
+        with torch.no_grad():
+            return model(**{k: torch.from_numpy(v) for k, v in values.items()}).logits.numpy()
+
+    weights_only, fp32_logits = outputs(loaded.model), outputs(load.load_model(str(fp32.path)).model)
+    rounded = outputs(quantize.restore(loaded.model, int8.path))  # rounding its activations like the graph
     assert not np.array_equal(weights_only, fp32_logits)  # the run's weights are the quantized ones
+    assert np.abs(logits - weights_only).mean() > 0  # INT8 activations
+    assert np.abs(logits - rounded).mean() <= quantize.INT8_MEAN_RTOL * np.abs(rounded).mean()
+
+
+def test_parity_refuses_an_int8_graph_that_is_not_the_model_s(runs):
+    _, int8, onnx_dir = runs
+    dense = load.load_model(MODEL)
+    dense.model = quantize.restore(dense.model, int8.path)
+    with pytest.raises(HarnessError, match="does not match PyTorch"):
+        export.check_parity(dense, onnx_dir, lambda: load.load_model(MODEL).model)
 
 
 def test_int8_graph_compiles_on_deepsparse_and_matches_onnx_runtime(runs):
