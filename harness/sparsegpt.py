@@ -34,8 +34,12 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
                 handle.remove()
         with torch.no_grad():
             for target, wrapper in wrappers.items():
-                wrapper.fasterprune(sparsity=level(target), prunen=prunen, prunem=prunem, blocksize=block_size,
-                                    percdamp=dampening_frac)
+                fraction = level(target)
+                if fraction >= 1:  # an allocation's whole layer: the solver would index past its sorted scores
+                    modules[target].weight.zero_()
+                elif fraction > 0:  # at 0 it would still prune each column block's smallest weight
+                    wrapper.fasterprune(sparsity=fraction, prunen=prunen, prunem=prunem, blocksize=block_size,
+                                        percdamp=dampening_frac)
                 wrapper.free()
 
     found = layerwise.blocks(model, targets)

@@ -102,10 +102,10 @@ def test_owl_magnitude_varies_per_block_at_the_exact_overall_level(recipe):
         assert source[target][kept].abs().min() >= source[target][~kept].abs().max()
 
 
-def test_a_target_allocated_none_or_all_of_its_weights_is_kept_or_zeroed():
+@pytest.mark.parametrize("recipe", ["sparseml/oneshot-magnitude", "sparseml/oneshot-sparsegpt", "sparseml/oneshot-wanda"])
+def test_a_target_allocated_none_or_all_of_its_weights_is_kept_or_zeroed(recipe):
     # lambda 0.5 spreads tiny-llama's two blocks over 50 +- 50 %: one keeps every weight, the other none
-    run = prune.prune("tiny-llama", 50, "sparseml/oneshot-magnitude", {"allocation": "owl", "owl_lambda": 0.5,
-                                                                         **CALIBRATION})
+    run = prune.prune("tiny-llama", 50, recipe, {"allocation": "owl", "owl_lambda": 0.5, **CALIBRATION})
     recount = read_json(run.path / SPARSITY_FILE)
     assert sorted(recount["per_layer_percent"].values()) == [0.0, 100.0]
     assert recount["achieved_percent"] == 50.0
