@@ -3,7 +3,7 @@ then pruned tiny models recounted from the weights the prune stage saved."""
 import pytest
 import torch
 
-from harness import allocation, load, prune, sparsity
+from harness import allocation, export, load, prune, sparsity
 from harness.errors import HarnessError
 from harness.layout import EVAL_FILE, SPARSITY_FILE, BenchmarkResult, Evaluation, Metric, to_json
 from harness.rundir import read_json, write_json
@@ -109,6 +109,8 @@ def test_a_target_allocated_none_or_all_of_its_weights_is_kept_or_zeroed(recipe)
     recount = read_json(run.path / SPARSITY_FILE)
     assert sorted(recount["per_layer_percent"].values()) == [0.0, 100.0]
     assert recount["achieved_percent"] == 50.0
+    # the exporter stores the zeroed block's same-shaped weights as one initializer: still every zero kept
+    assert read_json(export.ensure_onnx(run) / "export.json")["zeros"]["onnx_percent"] == 50.0
 
 
 def test_owl_needs_calibration_samples():
