@@ -27,7 +27,7 @@ from harness.errors import HarnessError
 from harness.evaluate import parse_limit
 from harness.load import ModelSpec, resolve_spec
 from harness.paths import runs_dir
-from harness.recipes import DEFAULT_RECIPE, load_recipe
+from harness.recipes import DEFAULT_RECIPE, canonical_name, load_recipe
 from harness.layout import SWEEP_FILE
 from harness.rundir import RunDir, level_name, parse_level, read_json, safe_name, write_json
 
@@ -169,6 +169,7 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
     """
     levels = [parse_level(level) for level in levels]
     specs = [resolve_spec(model) for model in models]
+    recipes = [_canonical(recipe) for recipe in recipes]  # the ledger names runs as their directories do
     options = LevelOptions(limit, force, stage_args, isolate, discard_artifacts)
     grid = [GridRun(spec, recipe, level) for spec in specs for recipe in recipes for level in levels]
     if control:
@@ -197,6 +198,15 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
             _discard(baseline.run)
     _print_summary(summary, stages)
     return summary
+
+
+def _canonical(recipe: str) -> str:
+    """A recipe name as prune names its run (a variant's parameters sorted); a name that does not load is
+    left as given, for its prune stage to fail and the ledger to record."""
+    try:
+        return canonical_name(recipe)
+    except HarnessError:
+        return recipe
 
 
 def controls(recipes: list[str]) -> list[str]:

@@ -135,6 +135,14 @@ def test_isolated_stages_run_in_their_own_processes_and_report_failures(monkeypa
     assert failed["status"] == "failed" and "no-such-recipe" in failed["error"] and "\n" not in failed["error"]
 
 
+def test_a_variant_s_parameters_in_any_order_are_one_run_in_the_ledger(monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_RUNS", str(tmp_path))
+    summary = sweep.sweep([MODEL], ["sparseml/oneshot-wanda@seq_len=32,samples=4"], [50], ["prune"])[MODEL]
+    assert list(summary) == ["sparseml/oneshot-wanda@samples=4,seq_len=32/50"] and summary[
+        "sparseml/oneshot-wanda@samples=4,seq_len=32/50"]["prune"]["status"] == "done"
+    assert list(read_json(runs_dir() / MODEL / "sweep.json")["runs"]) == list(summary)
+
+
 INTERRUPTED_SWEEP = """
 import sys
 from harness import sweep
