@@ -43,7 +43,7 @@ from harness.rundir import fingerprint, write_atomic
 
 STATE_FILE = "recovery-state.pt"
 KEY_FILE = "recovery-state.key"  # the state's key, readable without loading the state
-TRAINABLE = ("targets", "targets+norms+biases")
+TRAINABLE = ("targets", "targets+norms+biases", "all")  # all: the dense rest (embeddings, head) too
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the CPU multiplies bf16 matrices natively, else fp32
 LENGTHS = ("auto", "fixed", "mixed")  # auto: mixed for encoders, fixed otherwise
 MIN_MIXED_LEN = 8
@@ -61,7 +61,7 @@ class RecoveryPlan:
     temperature: float = 2.0
     kl_weight: float = 1.0  # models with logits: 1 = pure distillation, 0 = pure language modelling
     hidden_weight: float = 0.0  # weight of the layer-wise hidden-state term (SquareHead) added to the loss
-    trainable: str = "targets"  # or "targets+norms+biases"
+    trainable: str = "targets"  # or "targets+norms+biases", or "all"
     precision: str = "auto"  # bf16: mixed precision (fp32 weights and optimizer, bf16 matrix products)
     lengths: str = "auto"  # training sequences: fixed (seq_len tokens), mixed (wrapped spans), auto
     corpus: str = corpus.DEFAULT_CORPUS
@@ -132,6 +132,8 @@ class Hooks:
 
 
 def trainable_names(model: torch.nn.Module, targets: list[str], trainable: str) -> list[str]:
+    if trainable == "all":
+        return [n for n, _ in model.named_parameters()]
     names = set(targets)
     if trainable == "targets+norms+biases":
         names |= {n for n, p in model.named_parameters() if p.dim() == 1}

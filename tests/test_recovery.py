@@ -31,22 +31,25 @@ def pruned_pair(alias: str):
     return loaded.model, teacher, loaded.tokenizer, loaded.spec.architecture, targets
 
 
-@pytest.mark.parametrize("alias, precision, hidden_weight", [
-    ("tiny-gpt2", "fp32", 0.0), ("tiny-gpt2", "bf16", 0.0), ("tiny-m2m100", "bf16", 0.0), ("tiny-m2m100", "bf16", 1.0)])
-def test_loss_falls_and_the_mask_stays_fixed(alias, precision, hidden_weight, tmp_path):
+@pytest.mark.parametrize("alias, precision, hidden_weight, trainable", [
+    ("tiny-gpt2", "fp32", 0.0, "targets"), ("tiny-gpt2", "bf16", 0.0, "targets"), ("tiny-gpt2", "bf16", 0.0, "all"),
+    ("tiny-m2m100", "bf16", 0.0, "targets"), ("tiny-m2m100", "bf16", 1.0, "targets+norms+biases")])
+def test_loss_falls_and_the_mask_stays_fixed(alias, precision, hidden_weight, trainable, tmp_path):
     student, teacher, tokenizer, architecture, targets = pruned_pair(alias)
-    plan = dataclasses.replace(PLAN, precision=precision, hidden_weight=hidden_weight)
+    plan = dataclasses.replace(PLAN, precision=precision, hidden_weight=hidden_weight, trainable=trainable)
     params = dict(student.named_parameters())
     zeros = {name: params[name] == 0 for name in targets}
-    untouched = {n: p.detach().clone() for n, p in params.items() if n not in targets}
+    trained = {"targets": set(targets), "all": set(params),
+               "targets+norms+biases": set(targets) | {n for n, p in params.items() if p.dim() == 1}}[trainable]
+    untouched = {n: p.detach().clone() for n, p in params.items() if n not in trained}
     result = recovery.recover(student, teacher, tokenizer, architecture, targets, plan, resume_in(tmp_path, targets))
     losses = [point.loss for point in result.curve]
     assert len(losses) == plan.steps == 16 and result.precision == precision
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
     for name in targets:
         assert torch.equal(params[name] == 0, zeros[name])  # exactly the pruned weights are zero
-    assert all(torch.equal(params[n], value) for n, value in untouched.items())  # only the targets train
-    assert any(not torch.equal(params[n], teacher.get_parameter(n)) for n in targets)
+    assert all(torch.equal(params[n], value) for n, value in untouched.items())  # only the trainable ones train
+    assert all(not torch.equal(params[n], teacher.get_parameter(n)) for n in trained)
 
 
 def test_the_encoder_loss_is_zero_for_the_teacher_itself_and_grows_with_the_difference():
