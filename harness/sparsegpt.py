@@ -23,10 +23,13 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
 
     def calibrate_and_prune(block: layerwise.Block, run: Callable[[], object]) -> None:
         modules = {target: model.get_submodule(target.rsplit(".", 1)[0]) for target in block.targets}
-        wrappers = {target: SparseGptWrapper(target, module) for target, module in modules.items()}
-        handles = [module.register_forward_hook(
-            lambda mod, inputs, output, wrapper=wrappers[target]: wrapper.add_batch(inputs[0].data, output.data))
-            for target, module in modules.items()]
+        # An allocation's 0 % target stays whole and its 100 % one is zeroed: neither needs a Hessian (at 0 the
+        # solver would still prune each column block's smallest weight, at 1 it indexes past its sorted scores).
+        wrappers = {target: SparseGptWrapper(target, module) for target, module in modules.items()
+                    if 0 < level(target) < 1}
+        handles = [modules[target].register_forward_hook(
+            lambda mod, inputs, output, wrapper=wrapper: wrapper.add_batch(inputs[0].data, output.data))
+            for target, wrapper in wrappers.items()]
         try:
             run()
         finally:
@@ -34,13 +37,12 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
                 handle.remove()
         with torch.no_grad():
             for target, wrapper in wrappers.items():
-                fraction = level(target)
-                if fraction >= 1:  # an allocation's whole layer: the solver would index past its sorted scores
-                    modules[target].weight.zero_()
-                elif fraction > 0:  # at 0 it would still prune each column block's smallest weight
-                    wrapper.fasterprune(sparsity=fraction, prunen=prunen, prunem=prunem, blocksize=block_size,
-                                        percdamp=dampening_frac)
+                wrapper.fasterprune(sparsity=level(target), prunen=prunen, prunem=prunem, blocksize=block_size,
+                                    percdamp=dampening_frac)
                 wrapper.free()
+            for target, module in modules.items():
+                if level(target) >= 1:
+                    module.weight.zero_()
 
     found = layerwise.blocks(model, targets)
     for _ in tqdm(layerwise.sequential(model, found, batches, calibrate_and_prune), total=len(found),
