@@ -101,7 +101,7 @@ def starting_run(spec: load.ModelSpec, recipe: Recipe, level: float) -> tuple[Ru
     for name in earlier_steps(recipe.name):
         earlier = load_recipe(name)
         run = RunDir(spec.name, earlier.name, level)
-        if run.is_pruned(run_inputs(spec, earlier, level)):
+        if run.is_pruned(spec.to_dict(), earlier.text, earlier.params):
             return run, earlier
     return None
 
@@ -132,7 +132,7 @@ def prune(model: str, level, recipe_name: str = DEFAULT_RECIPE, overrides: dict 
     quantize.check_available(recipe, source)
     run = RunDir(spec.name, recipe.name, level)
     inputs = run_inputs(spec, recipe, level)
-    if not force and run.is_pruned(inputs):
+    if not force and run.is_pruned(spec.to_dict(), recipe.text, recipe.params):
         print(f"prune: {run.path} is up to date (use --force to redo)")
         return run
     plan = recipe.recovery

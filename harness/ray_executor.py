@@ -36,7 +36,7 @@ from harness import load
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT, data_dir
 from harness.recipes import earlier_steps, load_recipe
-from harness.rundir import RunDir, prune_inputs, read_json, record_stage, staging_dir
+from harness.rundir import RunDir, read_json, record_stage, staging_dir
 from harness.sweep import GridRun, LevelOptions, run_level
 
 SLOT = "harness_node"  # custom resource, 1 per node: a bench takes the whole slot
@@ -133,7 +133,7 @@ def _starts(cell: GridRun, finals: dict, stored: dict, force: bool) -> dict[str,
     if not earlier:
         return {}
     recipe = load_recipe(cell.recipe)
-    if not force and cell.run.is_pruned(prune_inputs(cell.spec.to_dict(), recipe.text, recipe.params, cell.level)):
+    if not force and cell.run.is_pruned(cell.spec.to_dict(), recipe.text, recipe.params):
         return {}
     starts = {}
     for name in earlier:

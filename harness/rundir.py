@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
+import yaml
 
 from harness.errors import HarnessError
 from harness.layout import DERIVED_COPIES, DISCARDED_NOTE, MANIFEST, MODEL_SUBDIR, RESUME_SUFFIX, SPARSITY_FILE, Record, \
@@ -109,6 +110,23 @@ def prune_inputs(spec: dict, recipe_text: str, recipe_params: dict, level: float
     return fingerprint(spec, recipe_text, recipe_params, level, PRUNE_SEED)
 
 
+def checked_prune_inputs(manifest: dict, spec: dict, recipe_text: str, recipe_params: dict, level: float) -> str:
+    """`prune_inputs` to compare with a run's recorded ones (`manifest`): a recipe text that differs from the
+    run's only in comments and layout counts as the run's, so editing a recipe's comments leaves its runs current."""
+    recorded = manifest.get("recipe_text")
+    if recorded and recorded != recipe_text and _yaml_tokens(recorded) == _yaml_tokens(recipe_text):
+        recipe_text = recorded
+    return prune_inputs(spec, recipe_text, recipe_params, level)
+
+
+def _yaml_tokens(text: str) -> list | None:
+    """The YAML tokens of `text` (its content without comments and layout), or None when it does not scan."""
+    try:
+        return [(type(token).__name__, getattr(token, "value", None)) for token in yaml.scan(text)]
+    except yaml.YAMLError:
+        return None
+
+
 @dataclass(frozen=True)
 class RunDir:
     """One model x recipe x level. `path` may not exist yet (before prune)."""
@@ -168,10 +186,11 @@ class RunDir:
             and all((self.path / out).exists() for out in outputs)
         )
 
-    def is_pruned(self, inputs_fingerprint: str) -> bool:
-        """True when prune finished here with these inputs (`prune_inputs`) and its checkpoint and sparsity are
-        still on disk: what a prune, or a composed recipe starting from this run, may skip."""
-        return self.is_current("prune", inputs_fingerprint, [MODEL_SUBDIR, SPARSITY_FILE])
+    def is_pruned(self, spec: dict, recipe_text: str, recipe_params: dict) -> bool:
+        """True when prune finished here with these inputs (`checked_prune_inputs`) and its checkpoint and
+        sparsity are still on disk: what a prune, or a composed recipe starting from this run, may skip."""
+        inputs = checked_prune_inputs(self.manifest(), spec, recipe_text, recipe_params, self.level)
+        return self.is_current("prune", inputs, [MODEL_SUBDIR, SPARSITY_FILE])
 
     def read(self, name: str, kind: type[Record]) -> Record | None:
         """The record stored in file `name` of this run (a layout name), or None when it is not there."""

@@ -16,6 +16,7 @@ from harness import load, prune, recovery, sparsity
 from harness.errors import HarnessError
 from harness.layout import SPARSITY_FILE
 from harness.paths import PROJECT_ROOT
+from harness.recipes import load_recipe
 from harness.rundir import RunDir, read_json
 from conftest import killed_after
 
@@ -85,6 +86,15 @@ def pruned(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def test_a_recipe_edited_only_in_its_comments_and_layout_leaves_its_runs_current(pruned):
+    run, _ = pruned("tiny-gpt2", "sparseml/oneshot-magnitude", 90)
+    recipe, spec = load_recipe("sparseml/oneshot-magnitude"), load.resolve_spec("tiny-gpt2").to_dict()
+    assert run.is_pruned(spec, recipe.text, recipe.params)
+    assert run.is_pruned(spec, "# a comment added since\n" + recipe.text.replace(": ", ":   ", 1), recipe.params)
+    assert not run.is_pruned(spec, recipe.text + "\nnote: a key added since\n", recipe.params)
+    assert not run.is_pruned(spec, recipe.text, {**recipe.params, "level_tolerance": 1})
 
 
 @pytest.mark.parametrize("model,recipe,level", CASES)

@@ -323,8 +323,10 @@ def pruned_earlier(run_dir, **changes):
 
 def test_a_run_of_an_earlier_recipe_model_entry_or_a_renamed_recipe_is_marked_outdated_and_still_reported(scratch):
     data = json.loads((scratch / RECIPES[0] / "50" / "manifest.json").read_text())
-    pruned_earlier(scratch / RECIPES[0] / "50", recipe_text=data["recipe_text"] + "\n# an earlier version\n")
-    pruned_earlier(scratch / RECIPES[1] / "50", spec={**data["spec"], "seq_len": data["spec"]["seq_len"] + 1})
+    pruned_earlier(scratch / RECIPES[0] / "50", recipe_text=data["recipe_text"] + "\nnote: an earlier version\n")
+    pruned_earlier(scratch / RECIPES[0] / "0", recipe_text=data["recipe_text"] + "\n# a comment edited since\n")
+    for level in ("0", "50"):  # every level outdated: one line each, not "missing at every level"
+        pruned_earlier(scratch / RECIPES[1] / level, spec={**data["spec"], "seq_len": data["spec"]["seq_len"] + 1})
     renamed = scratch / "sparseml" / "magnitude-recover+int8" / "50"  # a name from before recovery composed
     shutil.copytree(scratch / RECIPES[0] / "50", renamed)
     pruned_earlier(renamed, recipe="sparseml/magnitude-recover+int8")
@@ -338,11 +340,14 @@ def test_a_run_of_an_earlier_recipe_model_entry_or_a_renamed_recipe_is_marked_ou
             "composed)" in markdown)
     coverage = markdown.split("## Runs and gaps")[1].split("## ")[0]
     cells = {tuple(row[:2]): row[2] for row in table_rows(coverage) if len(row) > 2}
-    assert (f"- `{RECIPES[1]}` level 50 %, prune: outdated, pruned from an earlier entry of its model in "
-            f"harness/models.yaml: run `make prune MODEL={MODEL} LEVEL=50 RECIPE={RECIPES[1]}` again" in markdown)
-    assert cells[(RECIPES[0], "50")] == cells[(RECIPES[1], "50")] == "outdated"
+    for level in ("0", "50"):
+        assert (f"- `{RECIPES[1]}` level {level} %, prune: outdated, pruned from an earlier entry of its model in "
+                f"harness/models.yaml: run `make prune MODEL={MODEL} LEVEL={level} RECIPE={RECIPES[1]}` again"
+                in markdown)
+    assert "at every level" not in coverage
+    assert cells[(RECIPES[0], "50")] == cells[(RECIPES[1], "50")] == cells[(RECIPES[1], "0")] == "outdated"
     assert cells[("sparseml/magnitude-recover+int8", "50")] == "outdated"
-    assert cells[(RECIPES[0], "0")] == cells[(RECIPES[1], "0")] == "done"
+    assert cells[(RECIPES[0], "0")] == "done"  # a comment edit leaves a run current
 
 
 def test_the_concepts_put_pruning_quantization_and_both_in_the_runs_own_numbers(scratch):

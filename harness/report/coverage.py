@@ -8,23 +8,23 @@ from harness.report.runs import REDONE_BY_PRUNE, ModelRuns, Run
 from harness.rundir import level_name
 
 
-def gaps(models: ModelRuns) -> list[tuple[Run, str, bool, str]]:
-    """(run, stage, failed?, what is wrong) for every expected stage output that is missing or failed, and every
-    run that is outdated."""
+def gaps(models: ModelRuns) -> list[tuple[Run, str, str, str]]:
+    """(run, stage, kind, what is wrong) for every expected stage output that is missing or failed, and every
+    run that is outdated (kind: missing, failed or outdated)."""
     found = []
     for run in models.runs:
         outdated = run.outdated
         if outdated:
             again = f": run `{make_target('prune', models.name, run)}` again" if outdated in REDONE_BY_PRUNE else ""
-            found.append((run, "prune", False, f"outdated, {outdated}{again}"))
+            found.append((run, "prune", "outdated", f"outdated, {outdated}{again}"))
         for stage in [stage for stage in models.expected_stages() if models.expects(run, stage)]:
             record = run.ledger.get(stage, {})
             status = record.get("status")
             if status == "failed":
-                found.append((run, stage, True, f"failed in the sweep: {record.get('error', 'no error recorded')}"))
+                found.append((run, stage, "failed", f"failed in the sweep: {record.get('error', 'no error recorded')}"))
             elif not run.has(stage):
                 reason = f"skipped in the sweep ({record['reason']}); " if status == "skipped" else ""
-                found.append((run, stage, False, f"{reason}missing `{STAGE_OUTPUTS[stage]}`: run "
+                found.append((run, stage, "missing", f"{reason}missing `{STAGE_OUTPUTS[stage]}`: run "
                                                  f"`{make_target(stage, models.name, run)}`"))
     return found
 
@@ -37,7 +37,8 @@ def gap_lines(models: ModelRuns, prefix: str = "") -> list[str]:
         levels = [run for run in models.runs if run.recipe == recipe]
         for stage in models.expected_stages():
             entries = [g for g in found if g[0].recipe == recipe and g[1] == stage]
-            missing_everywhere = len(levels) > 1 and len(entries) == len(levels) and not any(g[2] for g in entries)
+            missing_everywhere = len(levels) > 1 and len(entries) == len(levels) and all(
+                kind == "missing" for _, _, kind, _ in entries)
             if missing_everywhere:
                 level_list = " ".join(level_name(run.level) for run in levels)
                 lines.append(f"- {prefix}`{recipe}`, {stage}: missing `{STAGE_OUTPUTS[stage]}` at every level "

@@ -11,7 +11,7 @@ from harness import layout, load
 from harness.errors import HarnessError
 from harness.paths import runs_dir
 from harness.recipes import load_recipe, unquantized
-from harness.rundir import RunDir, prune_inputs, read_json, safe_name
+from harness.rundir import RunDir, checked_prune_inputs, read_json, safe_name
 
 REPORTED_STAGES = ("prune", "analyze", "bench", "eval")  # the stages whose outputs the report reads
 EARLIER_MODEL = "pruned from an earlier entry of its model in harness/models.yaml"
@@ -69,7 +69,7 @@ class Run:
     @cached_property
     def outdated(self) -> str | None:
         """Why `make prune` would redo this run, or None: it was pruned with another inputs fingerprint than its
-        model's registry entry and its recipe give now (`prune_inputs`), or its recipe is gone."""
+        model's registry entry and its recipe give now (`checked_prune_inputs`), or its recipe is gone."""
         if "recipe_text" not in self.manifest:
             return None  # never created, or not a prune stage's run
         try:
@@ -79,7 +79,8 @@ class Run:
             return str(exc)
         then = self.manifest.get("spec")
         now = registry[self.dir.model].to_dict() if self.dir.model in registry else then
-        if prune_inputs(now, recipe.text, recipe.params, self.level) == self.stage_record("prune").get("inputs"):
+        if checked_prune_inputs(self.manifest, now, recipe.text, recipe.params, self.level) \
+                == self.stage_record("prune").get("inputs"):
             return None
         changes = {EARLIER_MODEL: as_json(now) != then,
                    EARLIER_RECIPE: (recipe.text, as_json(recipe.params)) != (self.manifest["recipe_text"],
