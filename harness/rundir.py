@@ -114,8 +114,10 @@ def checked_prune_inputs(manifest: dict, spec: dict, recipe_text: str, recipe_pa
     """`prune_inputs` to compare with a run's recorded ones (`manifest`): a recipe text that differs from the
     run's only in comments and layout counts as the run's, so editing a recipe's comments leaves its runs current."""
     recorded = manifest.get("recipe_text")
-    if recorded and recorded != recipe_text and _yaml_tokens(recorded) == _yaml_tokens(recipe_text):
-        recipe_text = recorded
+    if recorded and recorded != recipe_text:
+        tokens = _yaml_tokens(recipe_text)
+        if tokens is not None and _yaml_tokens(recorded) == tokens:
+            recipe_text = recorded
     return prune_inputs(spec, recipe_text, recipe_params, level)
 
 

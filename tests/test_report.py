@@ -236,7 +236,7 @@ def test_a_recovered_runs_accuracy_line_starts_at_its_one_shot_run_and_outdated_
 
     one_shot = RunDir(MODEL, "sparseml/oneshot-magnitude", 50)
     one_shot_acc = json.loads((one_shot.path / "eval.json").read_text())["benchmarks"][BENCHMARK]["metrics"]["acc"]["value"]
-    for tokens, acc, earlier in ((3000, 0.75, ""), (1000, 0.5, ""), (2000, 0.25, "\n# an earlier version\n")):
+    for tokens, acc, earlier in ((3000, 0.75, ""), (1000, 0.5, ""), (2000, 0.25, "\nnote: an earlier version\n")):
         run = RunDir(MODEL, f"sparseml/oneshot-magnitude+distil@lr=0.01,tokens={tokens}", 50)
         shutil.copytree(one_shot.path, run.path)
         recipe = load_recipe(run.recipe)
