@@ -376,3 +376,27 @@ def test_the_concepts_put_pruning_quantization_and_both_in_the_runs_own_numbers(
     assert (f"- Both (`{int8.recipe}`, 50 %): DeepSparse is 4.5× the fastest dense FP32 engine and 2.25× the fastest "
             "dense INT8 one; 3.5 bits per weight as sparse INT8 (INT8 alone 9)") in concepts
     assert "- Had the two gains multiplied, both together would be 6.25×." in concepts
+
+
+def test_plots_are_palette_pngs_that_keep_every_line_colour_beside_a_large_gradient(tmp_path):
+    """Ten thin lines in matplotlib's ten default colours beside a heatmap of many shades: each line colour stays
+    within a few levels in the saved palette PNG (median cut gave the shades the palette and merged line colours)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from harness.plots import _save_palette_png
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4))
+    left.imshow(np.add.outer(np.arange(200), np.arange(200)), cmap="viridis")
+    for index in range(10):
+        right.plot([0, 1], [index, index], color=f"C{index}", linewidth=2)
+    _save_palette_png(fig, tmp_path / "lines.png")
+    plt.close(fig)
+    with Image.open(tmp_path / "lines.png") as image:
+        assert image.mode == "P"
+        palette = np.array([colour for _, colour in image.convert("RGB").getcolors(256)])
+    for index in range(10):
+        colour = np.array(matplotlib.colors.to_rgb(f"C{index}")) * 255
+        assert np.abs(palette - colour).max(axis=1).min() <= 6, f"C{index}"
