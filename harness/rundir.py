@@ -114,11 +114,18 @@ def checked_prune_inputs(manifest: dict, spec: dict, recipe_text: str, recipe_pa
     """`prune_inputs` to compare with a run's recorded ones (`manifest`): a recipe text that differs from the
     run's only in comments and layout counts as the run's, so editing a recipe's comments leaves its runs current."""
     recorded = manifest.get("recipe_text")
-    if recorded and recorded != recipe_text:
-        tokens = _yaml_tokens(recipe_text)
-        if tokens is not None and _yaml_tokens(recorded) == tokens:
-            recipe_text = recorded
+    if recorded and same_recipe_text(recorded, recipe_text):
+        recipe_text = recorded
     return prune_inputs(spec, recipe_text, recipe_params, level)
+
+
+def same_recipe_text(one: str, other: str) -> bool:
+    """Whether two recipe texts say the same: equal, or the same YAML tokens (they differ only in comments and
+    layout; a text that does not scan must be equal)."""
+    if one == other:
+        return True
+    tokens = _yaml_tokens(one)
+    return tokens is not None and tokens == _yaml_tokens(other)
 
 
 def _yaml_tokens(text: str) -> list | None:

@@ -350,6 +350,19 @@ def test_a_run_of_an_earlier_recipe_model_entry_or_a_renamed_recipe_is_marked_ou
     assert cells[(RECIPES[0], "0")] == "done"  # a comment edit leaves a run current
 
 
+def test_a_run_outdated_by_the_harness_is_not_blamed_on_a_comment_edit_of_its_recipe(scratch):
+    run_dir = scratch / RECIPES[0] / "0"
+    data = json.loads((run_dir / "manifest.json").read_text())
+    pruned_earlier(run_dir, recipe_text=data["recipe_text"] + "\n# a comment edited since\n")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["stages"]["prune"]["inputs"] = "an earlier harness's fingerprint"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    markdown = report.report([MODEL])[0].read_text()
+    assert (f"- `{RECIPES[0]}` level 0 %, prune: outdated, pruned with other inputs than the harness gives now "
+            "(an earlier version of the harness)" in markdown)
+
+
 def test_the_concepts_put_pruning_quantization_and_both_in_the_runs_own_numbers(scratch):
     """An INT8 run beside its FP32 run (JSON copies with known bench records): the concepts quote each run's own
     recorded speedups against the fastest dense engines, and the sparse INT8 size."""

@@ -11,7 +11,7 @@ from harness import layout, load
 from harness.errors import HarnessError
 from harness.paths import runs_dir
 from harness.recipes import load_recipe, unquantized
-from harness.rundir import RunDir, checked_prune_inputs, read_json, safe_name
+from harness.rundir import RunDir, checked_prune_inputs, read_json, same_recipe_text, safe_name
 
 REPORTED_STAGES = ("prune", "analyze", "bench", "eval")  # the stages whose outputs the report reads
 EARLIER_MODEL = "pruned from an earlier entry of its model in harness/models.yaml"
@@ -83,8 +83,8 @@ class Run:
                 == self.stage_record("prune").get("inputs"):
             return None
         changes = {EARLIER_MODEL: as_json(now) != then,
-                   EARLIER_RECIPE: (recipe.text, as_json(recipe.params)) != (self.manifest["recipe_text"],
-                                                                              self.manifest.get("params"))}
+                   EARLIER_RECIPE: not same_recipe_text(recipe.text, self.manifest["recipe_text"])
+                                   or as_json(recipe.params) != self.manifest.get("params")}
         return next((reason for reason, changed in changes.items() if changed), EARLIER_INPUTS)
 
 
