@@ -42,6 +42,21 @@ def recipe_styles(recipes: list[str]) -> dict[str, dict]:
             for i, recipe in enumerate(recipes)}
 
 
+def line_styles(keys: list) -> dict:
+    """A style per key that no other key shares: the ten default colours, then the same colours with the next
+    line style (40 distinct lines), so a plot with many lines still tells them apart."""
+    return {key: {"color": f"C{i % 10}", "linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]} for i, key in enumerate(keys)}
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The mean of each `window` consecutive values (len(values) - window + 1 of them; all values if fewer)."""
+    window = max(1, min(window, len(values)))
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    return [(sums[i + window] - sums[i]) / window for i in range(len(values) - window + 1)]
+
+
 def sparsity_axis(ax) -> None:
     ax.set_xlabel("sparsity of the prunable weights (%, measured)")
     ax.set_xlim(-2, 102)

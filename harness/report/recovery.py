@@ -8,22 +8,29 @@ from harness.errors import HarnessError
 from harness.recipes import earlier_steps, variant_name, variant_params
 from harness.report.accuracy import LOG_SCALE_METRICS, accuracy_points, dense_value
 from harness.report.format import number, run_link, table
-from harness.report.plotting import DENSE_LINE, PlotSet, legend, recipe_styles, wrapped
+from harness.report.plotting import DENSE_LINE, PlotSet, legend, line_styles, moving_average, wrapped
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
 
 
+SMOOTHING = 40  # a loss curve is drawn as the moving average over this fraction (1/40) of its run's steps
+
+
 def plot_curves(models: ModelRuns, runs: list[Run], path: Path) -> None:
-    """Training loss against tokens seen, one line per recovered run."""
+    """Training loss against tokens seen, one line per recovered run, smoothed: a micro-batch's loss varies more
+    from batch to batch than over a whole run."""
     from harness import plots
 
-    styles = recipe_styles(models.recipes)
+    styles = line_styles([(run.recipe, run.level) for run in runs])
     with plots.figure(path, panel_width=7.5) as (fig, (ax,)):
         for run in runs:
             curve = run.recovery.curve
-            ax.plot([point.tokens / 1e6 for point in curve], [point.loss for point in curve],
-                    label=wrapped(f"{run.recipe} {level_name(run.level)} %"), **{**styles[run.recipe], "marker": None})
-        ax.set(xlabel="training tokens (millions)", ylabel="distillation loss per optimizer step", yscale="log")
+            window = max(1, len(curve) // SMOOTHING)
+            ax.plot([point.tokens / 1e6 for point in curve[window - 1:]],
+                    moving_average([point.loss for point in curve], window),
+                    label=wrapped(f"{run.recipe} {level_name(run.level)} %"), **styles[run.recipe, run.level])
+        ax.set(xlabel="training tokens (millions)", yscale="log",
+               ylabel=f"distillation loss per optimizer step (mean over 1/{SMOOTHING} of the run)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"{models.name}: recovery loss curves")
 
@@ -73,8 +80,8 @@ def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, fl
 
 
 def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
-    """`accuracy_vs_tokens`, one panel per benchmark metric (perplexities on a log scale), a colour per line in every
-    panel, one legend beside the last, the dense baseline dashed. False (nothing drawn) when no recovered pruned run
+    """`accuracy_vs_tokens`, one panel per benchmark metric (perplexities on a log scale), a style per line in every
+    panel (`line_styles`), one legend beside the last, the dense baseline dashed. False (nothing drawn) when no recovered pruned run
     has been evaluated."""
     from harness import plots
 
@@ -82,18 +89,18 @@ def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
     if not panels:
         return False
     keys = sorted({key for lines, _ in panels.values() for key in lines})
-    colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
+    styles = line_styles(keys)
     with plots.figure(path, panels=len(panels), panel_width=4.5) as (fig, axes):
         for ax, (title, (lines, dense)) in zip(axes, panels.items()):
             for key, points in sorted(lines.items()):
                 ax.plot([tokens / 1e6 for tokens, _ in points], [value for _, value in points], marker="o",
-                        color=colors[key])
+                        **styles[key])
             if dense:
                 ax.axhline(dense[1], **DENSE_LINE)
             if any(word in title for word in LOG_SCALE_METRICS):
                 ax.set_yscale("log")
             ax.set(title=title, xlabel="training tokens (millions)", xlim=(0, None))
-        legend(axes[-1], {f"{family} {level_name(level)} %": colors[family, level] for family, level in keys}, {},
+        legend(axes[-1], {}, {f"{family} {level_name(level)} %": styles[family, level] for family, level in keys},
                {"dense (level 0)": DENSE_LINE})
         fig.suptitle(f"{models.name}: accuracy vs recovery tokens (PyTorch)")
     return True
