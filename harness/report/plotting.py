@@ -45,7 +45,8 @@ def recipe_styles(recipes: list[str]) -> dict[str, dict]:
 def line_styles(keys: list) -> dict:
     """A style per key that no other key shares: the ten default colours, then the same colours with the next
     line style (40 distinct lines), so a plot with many lines still tells them apart."""
-    return {key: {"color": f"C{i % 10}", "linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]} for i, key in enumerate(keys)}
+    return {key: {"color": f"C{i % 10}", "linestyle": LINESTYLES[i // 10 % len(LINESTYLES)]}
+            for i, key in enumerate(keys)}
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

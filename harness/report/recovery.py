@@ -81,8 +81,8 @@ def accuracy_vs_tokens(models: ModelRuns) -> dict[str, tuple[dict, tuple[Run, fl
 
 def plot_accuracy_vs_tokens(models: ModelRuns, path: Path) -> bool:
     """`accuracy_vs_tokens`, one panel per benchmark metric (perplexities on a log scale), a style per line in every
-    panel (`line_styles`), one legend beside the last, the dense baseline dashed. False (nothing drawn) when no recovered pruned run
-    has been evaluated."""
+    panel (`line_styles`), one legend beside the last, the dense baseline dashed. False (nothing drawn) when no
+    recovered pruned run has been evaluated."""
     from harness import plots
 
     panels = accuracy_vs_tokens(models)
