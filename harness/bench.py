@@ -3,7 +3,8 @@ and its size on disk.
 
 The engines (`engines`) see the same inputs and time each scenario, a (batch, sequence length) pair:
 each warms up, then repeats until it has at least `--iterations` runs and `--min-time` seconds per
-variant (at most `--max-iterations`; `timing`). DeepSparse and OpenVINO compile one engine per scenario
+variant (at most `--max-iterations`; `timing`); with `--repeats` every engine does so several times, in
+turns, and its passes are pooled. DeepSparse and OpenVINO compile one engine per scenario
 in a child process that also times it (a compile that aborts or runs out of memory ends only the child);
 OpenVINO INT8 first quantizes each variant's export once (NNCF, calibrated on training text).
 Encoder-decoders time the encoder pass and one decoder pass (one decoder token, no KV cache)
@@ -24,7 +25,7 @@ where Amdahl's law bites. Sizes on disk: `sizes`.
 `<run>/bench.json` (`layout.Bench`):
 
     model, recipe, level, architecture, achieved_percent, run, dense_run (paths)
-    settings       {batch_sizes, seq_len, threads, iterations, min_time_s, max_iterations, warmup, engines,
+    settings       {batch_sizes, seq_len, threads, iterations, min_time_s, max_iterations, warmup, repeats, engines,
                     dense_timings: "alongside" | "level0", gzip_level}
     cpu            {model, physical_cores, logical_cores, load_average_1min (after timing), avx,
                     other_processes_cores (average cores other processes used while timing)}
@@ -71,6 +72,7 @@ DEFAULT_SEQ_LEN = 128
 DENSE_TIMINGS = ("alongside", "level0")
 
 Results = dict[str, dict[str, Timing]]  # engine -> scenario -> timing
+OLDER_SETTINGS = {"repeats": 1}  # how a bench.json written before these settings existed was timed
 
 
 def variant(run: RunDir) -> Variant:
@@ -81,43 +83,64 @@ def variant(run: RunDir) -> Variant:
 def bench_engines(variants: dict[str, Variant], settings: dict,
                   warnings_out: list[str]) -> tuple[dict[str, EngineStatus], dict[str, Results]]:
     """Time every engine on every scenario for both variants ({"sparse": ..., "dense": ...}, or only "sparse"
-    for a dense run); returns (engine status, {variant: {engine: {scenario: timing}}})."""
+    for a dense run); returns (engine status, {variant: {engine: {scenario: timing}}}).
+
+    With `repeats` > 1 every engine times every scenario that many times, in turns (the engine order reversed
+    every other turn) and its passes are pooled: engines compared with each other then share the same minutes
+    of a shared CPU's load, as dense and sparse of one engine always do (`timing.time_interleaved`)."""
     threads = settings["threads"]
     some = next(iter(variants.values()))
-    statuses = {}
-    results = {name: {} for name in variants}
-    scenarios = [(b, settings["seq_len"]) for b in settings["batch_sizes"]]
-    progress = tqdm(total=len(settings["engines"]) * len(scenarios), unit="scenario",
+    statuses = {name: EngineStatus("ok", threads, precision=engine_precision(ENGINES[name], variants["sparse"].run))
+                for name in settings["engines"]}
+    pooled: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {side: {} for side in variants}
+    scenarios = {scenario_name(b, settings["seq_len"]): (b, settings["seq_len"]) for b in settings["batch_sizes"]}
+    repeats = settings["repeats"]
+    progress = tqdm(total=len(statuses) * len(scenarios) * repeats, unit="scenario",
                     desc=f"bench {some.run.model} {some.run.level:g}%")
-    for name in settings["engines"]:
-        engine = ENGINES[name]
-        precision = engine_precision(engine, variants["sparse"].run)
-        statuses[name] = EngineStatus("ok", threads, precision=precision)
-        for batch_size, seq_len in scenarios:
-            scenario = scenario_name(batch_size, seq_len)
-            progress.set_postfix_str(f"{name} {scenario}")
-            values = synthetic_inputs(some.config, some.spec.architecture, batch_size, seq_len)
-            try:
-                times = engine.times(variants, threads, values, settings)
-            except Exception as exc:
-                if not engine.may_fail:
-                    raise
-                text = str(exc).strip()
-                # later scenarios have larger batches: no engine there either
-                reason = f"from {scenario} on: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-                others = [other for other in settings["engines"] if other != name]
-                warnings_out.append(f"{engine.label} unavailable {reason}; "
-                                    + (f"{', '.join(others)} results only there" if others else "no timings there"))
-                statuses[name] = EngineStatus("unavailable", threads, reason, precision)
-                progress.update(len(scenarios) - len(results["sparse"].get(name, {})))
-                break
-            for side in times:  # an engine may time only some variants (OpenVINO INT8: the FP32 ones)
-                results[side].setdefault(name, {})[scenario] = summarize(times[side], batch_size, seq_len, threads)
-            progress.update(1)
-        for side in variants.values():
-            side.release()
+    for repeat in range(repeats):
+        for name in settings["engines"][::-1 if repeat % 2 else 1]:
+            engine = ENGINES[name]
+            for scenario, (batch_size, seq_len) in scenarios.items():
+                if statuses[name].status != "ok":
+                    progress.update(1)
+                    continue
+                progress.set_postfix_str(f"{name} {scenario}" + (f" ({repeat + 1}/{repeats})" if repeats > 1 else ""))
+                values = synthetic_inputs(some.config, some.spec.architecture, batch_size, seq_len)
+                try:
+                    times = engine.times(variants, threads, values, settings)
+                except Exception as exc:
+                    if not engine.may_fail:
+                        raise
+                    statuses[name] = unavailable(name, scenario, exc, settings, warnings_out, statuses[name])
+                    for side in pooled.values():  # later scenarios have larger batches: no engine there either
+                        for later in list(scenarios)[list(scenarios).index(scenario):]:
+                            side.get(name, {}).pop(later, None)
+                    progress.update(1)
+                    continue
+                for side, parts in times.items():  # an engine may time only some variants (OpenVINO INT8: FP32)
+                    into = pooled[side].setdefault(name, {}).setdefault(scenario, {})
+                    for part, values_ms in parts.items():
+                        into.setdefault(part, []).extend(values_ms)
+                progress.update(1)
+            for side in variants.values():
+                side.release()
     progress.close()
+    results = {side: {name: {scenario: summarize(times, *scenarios[scenario], threads)
+                             for scenario, times in by_scenario.items()}
+                      for name, by_scenario in by_engine.items() if by_scenario}
+               for side, by_engine in pooled.items()}
     return statuses, results
+
+
+def unavailable(name: str, scenario: str, exc: Exception, settings: dict, warnings_out: list[str],
+                status: EngineStatus) -> EngineStatus:
+    """An engine that failed on `scenario`: a warning, and its status from then on."""
+    text = str(exc).strip()
+    reason = f"from {scenario} on: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    others = [other for other in settings["engines"] if other != name]
+    warnings_out.append(f"{ENGINES[name].label} unavailable {reason}; "
+                        + (f"{', '.join(others)} results only there" if others else "no timings there"))
+    return EngineStatus("unavailable", status.threads, reason, status.precision)
 
 
 def speedups(results: Results, dense_results: Results, ideal: dict[str, FlopIdeal]) -> dict[str, Speedup]:
@@ -216,7 +239,8 @@ def dense_bench(dense_run: RunDir, settings: dict) -> Bench:
     document = dense_run.read(BENCH_FILE, Bench)
     if document is None:
         raise HarnessError(f"{path} is unreadable; bench level 0 again (--force) or use --dense-timings alongside")
-    differing = sorted(k for k in settings if k != "engines" and document.settings.get(k) != settings[k])
+    then = {**OLDER_SETTINGS, **document.settings}
+    differing = sorted(k for k in settings if k != "engines" and then.get(k) != settings[k])
     untimed = [e for e in settings["engines"] if e not in document.settings["engines"]]
     if differing or untimed:
         problem = f"other settings ({', '.join(differing)})" if differing else f"without {', '.join(untimed)}"
@@ -304,6 +328,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-time", type=float, default=1.0, help="minimum timed seconds per scenario (default 1)")
     parser.add_argument("--max-iterations", type=int, default=100, help="maximum timed passes per scenario")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes before each timing block (default 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time every engine this many times over, in turns, pooling the passes: the engines' "
+                             "ratios then share the same minutes of a noisy machine (default 1)")
     parser.add_argument("--dense-timings", choices=DENSE_TIMINGS, default=DENSE_TIMINGS[0],
                         help="time the dense baseline alongside each level (default; fair on a shared CPU) or "
                              "reuse level 0's bench.json (half the time, one model in memory)")
@@ -316,12 +343,12 @@ def settings_from_args(args) -> dict:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise HarnessError(f"unknown engine {unknown[0] if unknown else '(none)'}; engines: {', '.join(ENGINES)}")
-    if min(args.batch_sizes) < 1 or args.seq_len < 2 or args.iterations < 1 or args.warmup < 0:
-        raise HarnessError("--batch-sizes and --iterations must be >= 1, --seq-len >= 2, --warmup >= 0")
+    if min(args.batch_sizes) < 1 or args.seq_len < 2 or args.iterations < 1 or args.repeats < 1 or args.warmup < 0:
+        raise HarnessError("--batch-sizes, --iterations and --repeats must be >= 1, --seq-len >= 2, --warmup >= 0")
     return {"batch_sizes": sorted(set(args.batch_sizes)), "seq_len": args.seq_len,
             "threads": args.threads or physical_threads(), "iterations": args.iterations,
             "min_time_s": args.min_time, "max_iterations": max(args.max_iterations, args.iterations),
-            "warmup": args.warmup, "engines": [e for e in ENGINES if e in engines],
+            "warmup": args.warmup, "repeats": args.repeats, "engines": [e for e in ENGINES if e in engines],
             "dense_timings": args.dense_timings, "gzip_level": args.gzip_level}
 
 

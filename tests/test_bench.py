@@ -16,7 +16,7 @@ from conftest import RECIPE, write_run
 
 # One thread: DeepSparse's spinning worker threads slow down badly when the CPU is shared (CI).
 SETTINGS = {"batch_sizes": [1, 2], "seq_len": 16, "threads": 1, "iterations": 3, "min_time_s": 0.0,
-            "max_iterations": 3, "warmup": 1, "engines": list(engines.ENGINES),
+            "max_iterations": 3, "warmup": 1, "repeats": 1, "engines": list(engines.ENGINES),
             "dense_timings": "alongside", "gzip_level": 6}
 
 
@@ -287,6 +287,24 @@ def test_deepsparse_failure_falls_back_with_a_warning(gpt2_bench, monkeypatch, f
     assert result.speedups["b1_s16"].headline is None
 
 
+def test_repeats_take_turns_between_engines_and_pool_their_passes(gpt2_bench, monkeypatch, capsys):
+    run, _ = gpt2_bench
+    calls = []
+    for name in ("onnxruntime", "pytorch"):
+        def logged(variants, threads, values, settings, name=name, times=engines.ENGINES[name].times):
+            calls.append((name, values["input_ids"].shape[0]))
+            return times(variants, threads, values, settings)
+        monkeypatch.setattr(engines.ENGINES[name], "times", logged)
+    result = bench.bench(run, {**SETTINGS, "repeats": 2, "engines": ["onnxruntime", "pytorch"]}, force=True)
+    # the second turn in the reverse order: each engine's passes straddle the other's
+    assert calls == [("onnxruntime", 1), ("onnxruntime", 2), ("pytorch", 1), ("pytorch", 2),
+                     ("pytorch", 1), ("pytorch", 2), ("onnxruntime", 1), ("onnxruntime", 2)]
+    for timings in (result.results, result.dense_results):
+        assert {entry.iterations for by_scenario in timings.values() for entry in by_scenario.values()} == {6}
+    assert cli.main(["bench", "--model", "tiny-gpt2", "--level", "90", "--recipe", RECIPE, "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
 def test_missing_run_says_to_prune_first(capsys):
     assert cli.main(["bench", "--model", "tiny-gpt2", "--level", "33", "--recipe", RECIPE]) == 2
     assert "make prune MODEL=tiny-gpt2 LEVEL=33" in capsys.readouterr().err
@@ -324,6 +342,9 @@ def test_level0_dense_timings_are_reused_only_with_the_same_settings(gpt2_bench)
     # timed on another kind of machine (as a cluster node may be): no speedups from it
     level0_path = write_run("tiny-gpt2", 0).path / layout.BENCH_FILE
     document = read_json(level0_path)
+    before_repeats = {**document, "settings": {k: v for k, v in document["settings"].items() if k != "repeats"}}
+    write_json(level0_path, before_repeats)  # written before `repeats` existed: timed once, as repeats=1 is
+    assert bench.bench(run, settings, force=True).dense_results == level0.results
     assert document["cpu"]["node"] and document["cpu"]["physical_cores"] >= 1
     write_json(level0_path, {**document, "cpu": {**document["cpu"], "physical_cores": document["cpu"]["physical_cores"] + 8}})
     try:
