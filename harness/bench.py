@@ -53,6 +53,7 @@ where Amdahl's law bites. Sizes on disk: `sizes`.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -65,7 +66,7 @@ from harness.layout import (BENCH_FILE, SPARSITY_FILE, Bench, EngineStatus, Fast
 from harness.rundir import RunDir, fingerprint, stage_run, write_json
 from harness.sizes import sizes
 from harness.timing import (busy_cpu_warning, cpu_info, cpu_seconds, node_kind, other_load, physical_threads,
-                            scenario_name, summarize)
+                            scenario_name, summarize, vector_features)
 
 DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_SEQ_LEN = 128
@@ -111,9 +112,11 @@ def bench_engines(variants: dict[str, Variant], settings: dict,
                 except Exception as exc:
                     if not engine.may_fail:
                         raise
-                    statuses[name] = unavailable(name, scenario, exc, settings, warnings_out, statuses[name])
+                    reason = unavailable(name, scenario, exc, settings["engines"], warnings_out)
+                    statuses[name] = replace(statuses[name], status="unavailable", reason=reason)
+                    names = list(scenarios)
                     for side in pooled.values():  # later scenarios have larger batches: no engine there either
-                        for later in list(scenarios)[list(scenarios).index(scenario):]:
+                        for later in names[names.index(scenario):]:
                             side.get(name, {}).pop(later, None)
                     progress.update(1)
                     continue
@@ -132,15 +135,14 @@ def bench_engines(variants: dict[str, Variant], settings: dict,
     return statuses, results
 
 
-def unavailable(name: str, scenario: str, exc: Exception, settings: dict, warnings_out: list[str],
-                status: EngineStatus) -> EngineStatus:
-    """An engine that failed on `scenario`: a warning, and its status from then on."""
+def unavailable(name: str, scenario: str, exc: Exception, engines: list[str], warnings_out: list[str]) -> str:
+    """Why an engine that failed on `scenario` is unavailable from there on; the warning goes to `warnings_out`."""
     text = str(exc).strip()
     reason = f"from {scenario} on: {type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-    others = [other for other in settings["engines"] if other != name]
+    others = [other for other in engines if other != name]
     warnings_out.append(f"{ENGINES[name].label} unavailable {reason}; "
                         + (f"{', '.join(others)} results only there" if others else "no timings there"))
-    return EngineStatus("unavailable", status.threads, reason, status.precision)
+    return reason
 
 
 def speedups(results: Results, dense_results: Results, ideal: dict[str, FlopIdeal]) -> dict[str, Speedup]:
@@ -265,7 +267,8 @@ def format_table(result: Bench) -> str:
     settings = result.settings
     lines = [f"bench: {result.model} {result.recipe} level {result.level:g}% "
              f"(achieved {result.achieved_percent:.1f}% of prunable weights), seq {settings['seq_len']}, "
-             f"{settings['threads']} threads; median ms (dense -> sparse)",
+             f"{settings['threads']} threads on {result.cpu.get('model', 'this CPU')} ({vector_features(result.cpu)}); "
+             "median ms (dense -> sparse)",
              f"{'engine':<13} {'scenario':<10} {'part':<9} {'dense':>9} {'sparse':>9} {'p90':>9} {'items/s':>9} "
              f"{'speedup':>8} {'eff.':>6}"]
     for engine, scenarios in result.results.items():

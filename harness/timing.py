@@ -139,6 +139,17 @@ def cpu_info() -> dict:
     return info
 
 
+VECTOR_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI",
+                   "avx512_bf16": "BF16", "amx_tile": "AMX"}  # flag -> label, what sparse and INT8 kernels depend on
+
+
+def vector_features(info: dict) -> str:
+    """The CPU's vector instructions that decide an engine's kernels, e.g. "AVX2, AVX-512, VNNI, BF16"; INT8
+    speedups in particular differ by machine (VNNI multiplies 8-bit integers in one instruction)."""
+    flags = set(info.get("avx") or ())
+    return ", ".join(label for flag, label in VECTOR_FEATURES.items() if flag in flags) or "no AVX2"
+
+
 def node_kind(info: dict) -> dict:
     """The part of `cpu_info()` that must match for two timings to be compared."""
     return {key: info.get(key) for key in NODE_KIND}

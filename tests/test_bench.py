@@ -265,6 +265,7 @@ def test_cli_prints_the_table(gpt2_bench, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "DeepSparse sparse vs ONNX Runtime dense" in out and "FLOP-ideal" in out and "sparse-bitmask" in out
+    assert f"1 threads on {timing.cpu_info()['model']} ({timing.vector_features(timing.cpu_info())})" in out
     assert "b2_s16: DeepSparse sparse vs the fastest dense engine: FP32 " in out and "INT8" not in out
     assert len(out.splitlines()) < 25
 
@@ -308,6 +309,13 @@ def test_repeats_take_turns_between_engines_and_pool_their_passes(gpt2_bench, mo
 def test_missing_run_says_to_prune_first(capsys):
     assert cli.main(["bench", "--model", "tiny-gpt2", "--level", "33", "--recipe", RECIPE]) == 2
     assert "make prune MODEL=tiny-gpt2 LEVEL=33" in capsys.readouterr().err
+
+
+def test_the_vector_features_name_what_int8_and_sparse_kernels_use():
+    flags = ["avx", "avx2", "avx512_bf16", "avx512_vnni", "avx512bw", "avx512f"]
+    assert timing.vector_features({"avx": flags}) == "AVX2, AVX-512, VNNI, BF16"
+    assert timing.vector_features({"avx": ["avx", "avx2"]}) == "AVX2"
+    assert timing.vector_features({"model": "an old CPU"}) == "no AVX2"
 
 
 def test_a_busy_cpu_is_flagged():

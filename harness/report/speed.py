@@ -13,6 +13,7 @@ from harness.report.format import number, run_link, shape_note, table
 from harness.report.plotting import DENSE_LINE, PlotSet, by_recipe, draw, legend, recipe_styles, sparsity_axis
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
+from harness.timing import vector_features
 
 SPEED_ENGINES = {name: engine.label for name, engine in ENGINES.items()}
 PLOTTED_ENGINES = ("deepsparse", "onnxruntime")  # the question: DeepSparse vs ONNX Runtime
@@ -184,7 +185,8 @@ def section_speed(models: ModelRuns, plots: PlotSet) -> list[str]:
     plot_speed(models, runs, scenario_names, path)
     settings, cpu = runs[0].bench.settings, runs[0].bench.cpu
     lines = [f"Median latency of one forward pass (encoder-decoders: encoder + one decoder step) on "
-             f"{cpu.get('model', 'this CPU')} with {number(settings.get('threads'))} threads; each engine's "
+             f"{cpu.get('model', 'this CPU')} ({vector_features(cpu)}) with {number(settings.get('threads'))} threads; "
+             "each engine's "
              f"speedup is against its own dense run (level 0), the headline is {HEADLINE}. The FLOP-ideal "
              "counts multiply-accumulates: pruned weights scale with their density, everything else stays dense; "
              "efficiency = measured / ideal.", "", plots.image(path, "speedup vs sparsity"), ""]
