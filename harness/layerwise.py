@@ -5,7 +5,9 @@ already-pruned blocks before it. SparseML 1.8's `sequential_update: true` gets t
 whole model over all calibration data once per pruned module (hours on a CPU). Here, as in the
 reference implementation, the inputs of a stack's first block are captured once; then each block
 runs alone on its cached inputs: once to calibrate (the caller's hooks collect statistics, then it
-prunes), once more to compute its pruned outputs, which are the next block's inputs.
+prunes), once more to compute its pruned outputs, which are the next block's inputs. With a
+reconstruction (`harness.reconstruct`), each pruned block is trained in between, towards the dense
+model's output of that block.
 
 Blocks are the members of the model's `ModuleList`s that hold target weights (GPT-2 `h`, Llama
 `layers`, BERT/DeBERTa `layer`, M2M100's encoder and decoder `layers`), in forward order. Where a
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from tqdm import tqdm
+
+from harness import reconstruct
 from harness.errors import HarnessError
 
 
@@ -157,18 +162,35 @@ def run_block(block: Block, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 def sequential(model, found: list[Block], batches: list[dict],
-               calibrate_and_prune: Callable[[Block, Callable[[], object]], None]) -> Iterator[str]:
+               calibrate_and_prune: Callable[[Block, Callable[[], object]], None],
+               reconstruction: reconstruct.Reconstruction | None = None) -> Iterator[str]:
     """Prune block by block: `calibrate_and_prune(block, run)` installs its statistics hooks, calls `run()`
     (the block on its inputs: the outputs of the already-pruned blocks before it), removes them and
-    prunes the block's targets. `found` is `blocks(model, targets)`. Yields each block's name when it is done."""
+    prunes the block's targets. `found` is `blocks(model, targets)`. With a `reconstruction`, each pruned
+    block is then trained to give the dense model's output of that block (`reconstruct`): the dense
+    model's block inputs are kept alongside (captured before any pruning where a transition is not chained).
+    Yields each block's name when it is done."""
     if not batches:
         raise HarnessError("sequential calibration needs calibration batches")
     model.eval()
     chained = chained_transitions(model, found, batches[0])
     inputs = capture(model, found[0], batches)
+    dense_inputs, dense_captured = None, {}
+    if reconstruction:
+        dense_inputs = inputs
+        dense_captured = {i + 1: capture(model, found[i + 1], batches)
+                          for i in range(len(found) - 1) if i not in chained}
     for i, block in enumerate(found):
+        dense_outputs = run_block(block, dense_inputs) if reconstruction else None
         calibrate_and_prune(block, lambda: run_block(block, inputs))
+        outputs = None
+        if reconstruction:
+            before, after, outputs = reconstruct.train_block(block, inputs, dense_outputs, reconstruction)
+            tqdm.write(f"{block.name}: reconstruction error {before:.4f} -> {after:.4f}")
         if i + 1 < len(found):
-            inputs = (inputs.replace_hidden(run_block(block, inputs)) if i in chained
+            inputs = (inputs.replace_hidden(outputs or run_block(block, inputs)) if i in chained
                       else capture(model, found[i + 1], batches))
+            if reconstruction:
+                dense_inputs = (dense_inputs.replace_hidden(dense_outputs) if i in chained
+                                else dense_captured.pop(i + 1))
         yield block.name

@@ -10,12 +10,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from harness import layerwise
+from harness import layerwise, reconstruct
 
 
 def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], sparsity: float | dict[str, float],
-          mask_structure: str = "0:0", block_size: int = 128, dampening_frac: float = 0.01) -> None:
-    """Prune `targets` (Linear/Conv1D weights) in place; `sparsity` is one fraction or one per target."""
+          mask_structure: str = "0:0", block_size: int = 128, dampening_frac: float = 0.01,
+          reconstruction: reconstruct.Reconstruction | None = None) -> None:
+    """Prune `targets` (Linear/Conv1D weights) in place; `sparsity` is one fraction or one per target; each
+    block trained after pruning with a `reconstruction`."""
     from sparseml.modifiers.obcq.utils.sgpt_wrapper import SparseGptWrapper
 
     prunen, prunem = (int(part) for part in mask_structure.split(":"))
@@ -45,6 +47,7 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
                     module.weight.zero_()
 
     found = layerwise.blocks(model, targets)
-    for _ in tqdm(layerwise.sequential(model, found, batches, calibrate_and_prune), total=len(found),
+    pruned_blocks = layerwise.sequential(model, found, batches, calibrate_and_prune, reconstruction)
+    for _ in tqdm(pruned_blocks, total=len(found),
                   desc="SparseGPT, block by block", unit="block"):
         pass

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from harness import layerwise
+from harness import layerwise, reconstruct
+from harness.errors import HarnessError
 
 
 def module_of(model: torch.nn.Module, target: str) -> torch.nn.Module:
@@ -63,8 +64,10 @@ def scores(model: torch.nn.Module, target: str, squared_norms: torch.Tensor) -> 
 
 
 def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], sparsity: float | dict[str, float],
-          mask_structure: str = "0:0", sequential: bool = True) -> None:
-    """Prune `targets` (Linear/Conv1D weights) in place; `sparsity` is one fraction or one per target."""
+          mask_structure: str = "0:0", sequential: bool = True,
+          reconstruction: reconstruct.Reconstruction | None = None) -> None:
+    """Prune `targets` (Linear/Conv1D weights) in place; `sparsity` is one fraction or one per target; each
+    block trained after pruning with a `reconstruction` (sequential only)."""
     from sparseml.modifiers.pruning.wanda.utils.wanda_wrapper import WandaWrapper
 
     prunen, prunem = (int(part) for part in mask_structure.split(":"))
@@ -78,6 +81,8 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
             wrapper.fasterprune(sparsity=level(target), prunen=prunen, prunem=prunem)
 
     if not sequential:
+        if reconstruction:
+            raise HarnessError("block-wise reconstruction (reconstruct_epochs > 0) needs sequential: true")
         prune_with(targets, dense_input_norms(model, targets, batches))
         return
 
@@ -87,6 +92,7 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
         prune_with(block.targets, sums)
 
     found = layerwise.blocks(model, targets)
-    for _ in tqdm(layerwise.sequential(model, found, batches, calibrate_and_prune), total=len(found),
+    pruned_blocks = layerwise.sequential(model, found, batches, calibrate_and_prune, reconstruction)
+    for _ in tqdm(pruned_blocks, total=len(found),
                   desc="Wanda, block by block", unit="block"):
         pass

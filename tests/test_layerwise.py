@@ -3,7 +3,7 @@ before it produces, in every architecture (checked against a full forward pass o
 import pytest
 import torch
 
-from harness import layerwise, load, sparsity
+from harness import layerwise, load, reconstruct, sparsity
 from harness.errors import HarnessError
 
 TEXTS = ("The quick brown fox jumps over the lazy dog, and then some more words follow.",
@@ -67,3 +67,30 @@ def test_targets_outside_every_block_are_refused():
     loaded = load.load_model("tiny-gpt2")
     with pytest.raises(HarnessError, match="lm_head.weight"):
         layerwise.blocks(loaded.model, [*sparsity.prunable_names(loaded.model), "lm_head.weight"])
+
+
+def final_hidden(model, batches) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [(out.decoder_hidden_states if "decoder_hidden_states" in out else out.hidden_states)[-1]
+                for out in (model(**batch, output_hidden_states=True) for batch in batches)]
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-m2m100"])  # m2m100: the decoder's inputs captured, not chained
+def test_reconstruction_keeps_the_masks_and_brings_the_pruned_model_closer_to_the_dense_one(alias, capsys):
+    dense = load.load_model(alias).model
+    batches = batches_for(load.load_model(alias))
+    wanted = final_hidden(dense, batches)
+    results = {}
+    for plan in (None, reconstruct.Reconstruction(epochs=30, lr=0.001, trainable="block")):
+        model = load.load_model(alias).model
+        found = layerwise.blocks(model, sparsity.prunable_names(model))
+        list(layerwise.sequential(model, found, batches, lambda block, run: halve(model, block.targets), plan))
+        error = sum(float(((got - want) ** 2).sum()) for got, want in zip(final_hidden(model, batches), wanted))
+        params = dict(model.named_parameters())
+        results[plan] = error, {t: params[t] == 0 for block in found for t in block.targets}
+    (plain, plain_zeros), (trained, trained_zeros) = results.values()
+    assert all(torch.equal(plain_zeros[t], trained_zeros[t]) for t in plain_zeros)  # the same mask: halve's
+    assert trained < 0.5 * plain
+    printed = capsys.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if "reconstruction error" in line]
+    assert len(lines) == len(found) and all(float(line.split()[-1]) < float(line.split()[-3]) for line in lines)

@@ -153,6 +153,24 @@ def test_sparsegpt_runs_block_by_block_or_through_sparsemls_session(capsys, sequ
         assert abs(percent_zero([saved[name]]) - 70) <= TOLERANCE_POINTS, name
 
 
+def test_sparsegpt_with_block_reconstruction_keeps_its_level(capsys):
+    overrides = {**OVERRIDES["sparseml/oneshot-sparsegpt"], "reconstruct_epochs": 1.0, "reconstruct_lr": 0.001}
+    run = prune.prune("tiny-gpt2", 70, "sparseml/oneshot-sparsegpt", overrides, force=True)
+    assert capsys.readouterr().out.count("reconstruction error") == 4  # one line per block (4 layers)
+    saved = tensors(run.model_dir)
+    for name in read_json(run.path / SPARSITY_FILE)["prunable_tensors"]:
+        assert abs(percent_zero([saved[name]]) - 70) <= TOLERANCE_POINTS, name
+
+
+@pytest.mark.parametrize("bad, message", [({"sequential": False}, "needs the harness's solver"),
+                                          ({"reconstruct_lr": 0.0}, "reconstruct_lr positive"),
+                                          ({"reconstruct_trainable": "all"}, "must be one of targets, block")])
+def test_bad_block_reconstruction_is_one_line(bad, message):
+    with pytest.raises(HarnessError, match=message):
+        prune.prune("tiny-gpt2", 70, "sparseml/oneshot-sparsegpt",
+                    {**OVERRIDES["sparseml/oneshot-sparsegpt"], "reconstruct_epochs": 1.0, **bad}, force=True)
+
+
 def recording_sparsity_after_each_step(monkeypatch) -> list[float]:
     """The targets' sparsity (percent) after each training step of the gradual recipes run from now on."""
     real_recover, after_each_step = recovery.recover, []

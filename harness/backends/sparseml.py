@@ -23,7 +23,7 @@ import re
 
 import yaml
 
-from harness import allocation, sparsegpt, wanda
+from harness import allocation, reconstruct, sparsegpt, wanda
 from harness.backends import PruneJob, Schedule, in_groups, quiet
 from harness.errors import HarnessError
 from harness.recipes import Recipe
@@ -137,12 +137,13 @@ SOLVERS = {
     "SparseGPTModifier": (
         lambda job, levels, args: sparsegpt.prune(
             job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
-            int(args.get("block_size", 128)), float(args.get("dampening_frac", 0.01))),
+            int(args.get("block_size", 128)), float(args.get("dampening_frac", 0.01)),
+            reconstruct.from_params(job.recipe.params)),
         "SparseML's SparseGPT solver, block by block (harness.sparsegpt)"),
     "WandaPruningModifier": (
         lambda job, levels, args: wanda.prune(
             job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
-            bool(args.get("sequential_update", True))),
+            bool(args.get("sequential_update", True)), reconstruct.from_params(job.recipe.params)),
         "SparseML's Wanda masks (harness.wanda)"),
 }
 
@@ -170,9 +171,9 @@ def _run_session(job: PruneJob) -> str:
         run, how = SOLVERS[name]
         run(job, allocation.planned(job), arguments)
         return how
-    if job.recipe.params.get("allocation", "uniform") != "uniform":
-        raise HarnessError(f"recipe {job.recipe.name}: a non-uniform allocation needs the harness's solver "
-                           f"(sequential: true)")
+    if job.recipe.params.get("allocation", "uniform") != "uniform" or reconstruct.from_params(job.recipe.params):
+        raise HarnessError(f"recipe {job.recipe.name}: a non-uniform allocation or block-wise reconstruction needs "
+                           f"the harness's solver (sequential: true)")
     from sparseml import core as logger_module
     from sparseml.core.framework import Framework
     from sparseml.core.recipe import Recipe as SessionRecipe
@@ -192,6 +193,7 @@ def _run_session(job: PruneJob) -> str:
 def schedule(recipe: Recipe, sparsity: float) -> Schedule:
     """A legacy recipe fine-tunes for its EpochRangeModifier's length; a sparseml.core recipe calibrates."""
     if not LEGACY_MODIFIER_TAG.search(recipe.body):
+        reconstruct.from_params(recipe.params)  # a bad value fails here, before the model loads
         return Schedule(steps=0, calibrates=True)
     with _quiet_sparseml():
         manager = _manager(recipe, sparsity, [])

@@ -1,0 +1,90 @@
+"""Block-wise reconstruction after one-shot pruning, as EBFT (Guo et al. 2024) does for sparse LLMs.
+
+SparseGPT and Wanda choose each layer's mask (SparseGPT also updates the kept weights) from that
+layer's inputs alone, so errors add up from block to block. Here, right after a block is pruned in
+`layerwise.sequential`, its remaining weights are trained with the mask fixed so that, on its inputs
+(the outputs of the already-pruned blocks before it), it reproduces the dense model's output of that
+block: each block corrects the error of the blocks before it, on the calibration data, before the
+next block is calibrated. The loss is the squared error over the target's mean square (so one
+learning rate fits every block, whatever its scale). It costs about `epochs` forward and backward
+passes of the model over the calibration data, and a second cache of block inputs (the dense ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from harness.errors import HarnessError
+
+PARAMS = ("reconstruct_epochs", "reconstruct_lr", "reconstruct_trainable")  # the recipe params it reads
+TRAINABLE = ("targets", "block")  # block: every parameter of the block (norms and biases too)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    epochs: float  # passes over the calibration samples per block
+    lr: float  # Adam's learning rate (constant)
+    trainable: str = "targets"
+    seed: int = 0
+
+
+def from_params(params: dict) -> Reconstruction | None:
+    """The recipe's reconstruction, or None when `reconstruct_epochs` is 0 (or the recipe has none)."""
+    epochs = float(params.get("reconstruct_epochs", 0))
+    lr, trainable = float(params.get("reconstruct_lr", 1e-4)), params.get("reconstruct_trainable", "targets")
+    if epochs < 0 or lr <= 0:
+        raise HarnessError(f"reconstruct_epochs must be 0 or more and reconstruct_lr positive, got {epochs:g} and {lr:g}")
+    if trainable not in TRAINABLE:
+        raise HarnessError(f"reconstruct_trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    return Reconstruction(epochs, lr, trainable) if epochs else None
+
+
+def train_block(block, inputs, targets: list[torch.Tensor], plan: Reconstruction) -> tuple[float, float, list]:
+    """Train `block` (a `layerwise.Block`, just pruned) so that on `inputs` (`layerwise.BlockInputs`) it gives
+    `targets`, its pruned weights kept at zero; returns its error (the loss over all samples) before and after,
+    and its outputs after."""
+    params = dict(block.module.named_parameters())
+    target_names = [target[len(block.name) + 1:] for target in block.targets]
+    names = target_names if plan.trainable == "targets" else list(params)
+    masks = {name: params[name] != 0 for name in target_names}
+    was = {name: param.requires_grad for name, param in params.items()}
+    for name, param in params.items():
+        param.requires_grad_(name in names)
+    optimizer = torch.optim.Adam([params[name] for name in names], lr=plan.lr)
+    generator = torch.Generator().manual_seed(plan.seed)
+    steps = max(1, round(plan.epochs * len(inputs.calls)))
+    order = torch.cat([torch.randperm(len(inputs.calls), generator=generator)
+                       for _ in range(-(-steps // len(inputs.calls)))])[:steps]
+    before, _ = _error(block, inputs, targets)
+    try:
+        with torch.enable_grad():
+            for index in tqdm(order.tolist(), desc=f"reconstruct {block.name}", unit="sample", leave=False):
+                args, kwargs = inputs.calls[index]
+                _loss(_first(block.module(*args, **kwargs)), targets[index]).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        params[name].mul_(mask)
+    finally:
+        for name, param in params.items():
+            param.requires_grad_(was[name])
+    after, outputs = _error(block, inputs, targets)
+    return before, after, outputs
+
+
+def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((output - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _error(block, inputs, targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """The mean loss of the block over all samples, and its outputs."""
+    outputs = [_first(block.module(*args, **kwargs)) for args, kwargs in inputs.calls]
+    return sum(float(_loss(o, t)) for o, t in zip(outputs, targets)) / len(outputs), outputs
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
