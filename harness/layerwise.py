@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from harness import reconstruct
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.reconstruct import Reconstruction
 
 
 class _Stop(Exception):
@@ -129,7 +131,7 @@ def chained_transitions(model, found: list[Block], batch: dict) -> set[int]:
         handles.append(block.module.register_forward_pre_hook(
             lambda m, args, kwargs, i=i: calls.__setitem__(i, (args, kwargs)), with_kwargs=True))
         handles.append(block.module.register_forward_hook(
-            lambda m, args, output, i=i: outputs.__setitem__(i, _first(output))))
+            lambda m, args, output, i=i: outputs.__setitem__(i, first_output(output))))
     try:
         model(**_model_kwargs(model, batch))
     finally:
@@ -151,23 +153,24 @@ def _same(a, b) -> bool:
     return a is b or a == b
 
 
-def _first(output):
+def first_output(output):
+    """A block's hidden-state output (blocks return it alone or first in a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @torch.no_grad()
 def run_block(block: Block, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's hidden-state output for every cached input."""
-    return [_first(block.module(*args, **kwargs)) for args, kwargs in inputs.calls]
+    return [first_output(block.module(*args, **kwargs)) for args, kwargs in inputs.calls]
 
 
 def sequential(model, found: list[Block], batches: list[dict],
                calibrate_and_prune: Callable[[Block, Callable[[], object]], None],
-               reconstruction: reconstruct.Reconstruction | None = None) -> Iterator[str]:
+               reconstruction: Reconstruction | None = None) -> Iterator[str]:
     """Prune block by block: `calibrate_and_prune(block, run)` installs its statistics hooks, calls `run()`
     (the block on its inputs: the outputs of the already-pruned blocks before it), removes them and
     prunes the block's targets. `found` is `blocks(model, targets)`. With a `reconstruction`, each pruned
-    block is then trained to give the dense model's output of that block (`reconstruct`): the dense
+    block is then trained to give the dense model's output of that block (`harness.reconstruct`): the dense
     model's block inputs are kept alongside (captured before any pruning where a transition is not chained).
     Yields each block's name when it is done."""
     if not batches:
@@ -185,7 +188,7 @@ def sequential(model, found: list[Block], batches: list[dict],
         calibrate_and_prune(block, lambda: run_block(block, inputs))
         outputs = None
         if reconstruction:
-            before, after, outputs = reconstruct.train_block(block, inputs, dense_outputs, reconstruction)
+            before, after, outputs = reconstruction.train(block, inputs, dense_outputs)
             tqdm.write(f"{block.name}: reconstruction error {before:.4f} -> {after:.4f}")
         if i + 1 < len(found):
             inputs = (inputs.replace_hidden(outputs or run_block(block, inputs)) if i in chained

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from harness.errors import HarnessError
+from harness.layerwise import Block, BlockInputs, first_output, run_block
 
-PARAMS = ("reconstruct_epochs", "reconstruct_lr", "reconstruct_trainable")  # the recipe params it reads
 TRAINABLE = ("targets", "block")  # block: every parameter of the block (norms and biases too)
 
 
@@ -28,6 +28,38 @@ class Reconstruction:
     lr: float  # Adam's learning rate (constant)
     trainable: str = "targets"
     seed: int = 0
+
+    def train(self, block: Block, inputs: BlockInputs, targets: list[torch.Tensor]) -> tuple[float, float, list]:
+        """Train `block` (just pruned) so that on `inputs` it gives `targets`, its pruned weights kept at zero;
+        returns its error (the loss over all samples) before and after, and its outputs after."""
+        params = dict(block.module.named_parameters())
+        target_names = [target[len(block.name) + 1:] for target in block.targets]
+        names = target_names if self.trainable == "targets" else list(params)
+        masks = {name: params[name] != 0 for name in target_names}
+        was = {name: param.requires_grad for name, param in params.items()}
+        for name, param in params.items():
+            param.requires_grad_(name in names)
+        optimizer = torch.optim.Adam([params[name] for name in names], lr=self.lr)
+        generator = torch.Generator().manual_seed(self.seed)
+        steps = max(1, round(self.epochs * len(inputs.calls)))
+        order = torch.cat([torch.randperm(len(inputs.calls), generator=generator)
+                           for _ in range(-(-steps // len(inputs.calls)))])[:steps]
+        before, _ = _error(block, inputs, targets)
+        try:
+            with torch.enable_grad():
+                for index in tqdm(order.tolist(), desc=f"reconstruct {block.name}", unit="sample", leave=False):
+                    args, kwargs = inputs.calls[index]
+                    _loss(first_output(block.module(*args, **kwargs)), targets[index]).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for name, mask in masks.items():
+                            params[name].mul_(mask)
+        finally:
+            for name, param in params.items():
+                param.requires_grad_(was[name])
+        after, outputs = _error(block, inputs, targets)
+        return before, after, outputs
 
 
 def from_params(params: dict) -> Reconstruction | None:
@@ -41,50 +73,12 @@ def from_params(params: dict) -> Reconstruction | None:
     return Reconstruction(epochs, lr, trainable) if epochs else None
 
 
-def train_block(block, inputs, targets: list[torch.Tensor], plan: Reconstruction) -> tuple[float, float, list]:
-    """Train `block` (a `layerwise.Block`, just pruned) so that on `inputs` (`layerwise.BlockInputs`) it gives
-    `targets`, its pruned weights kept at zero; returns its error (the loss over all samples) before and after,
-    and its outputs after."""
-    params = dict(block.module.named_parameters())
-    target_names = [target[len(block.name) + 1:] for target in block.targets]
-    names = target_names if plan.trainable == "targets" else list(params)
-    masks = {name: params[name] != 0 for name in target_names}
-    was = {name: param.requires_grad for name, param in params.items()}
-    for name, param in params.items():
-        param.requires_grad_(name in names)
-    optimizer = torch.optim.Adam([params[name] for name in names], lr=plan.lr)
-    generator = torch.Generator().manual_seed(plan.seed)
-    steps = max(1, round(plan.epochs * len(inputs.calls)))
-    order = torch.cat([torch.randperm(len(inputs.calls), generator=generator)
-                       for _ in range(-(-steps // len(inputs.calls)))])[:steps]
-    before, _ = _error(block, inputs, targets)
-    try:
-        with torch.enable_grad():
-            for index in tqdm(order.tolist(), desc=f"reconstruct {block.name}", unit="sample", leave=False):
-                args, kwargs = inputs.calls[index]
-                _loss(_first(block.module(*args, **kwargs)), targets[index]).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for name, mask in masks.items():
-                        params[name].mul_(mask)
-    finally:
-        for name, param in params.items():
-            param.requires_grad_(was[name])
-    after, outputs = _error(block, inputs, targets)
-    return before, after, outputs
-
-
 def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((output - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12)
 
 
-@torch.no_grad()
-def _error(block, inputs, targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+def _error(block: Block, inputs: BlockInputs, targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     """The mean loss of the block over all samples, and its outputs."""
-    outputs = [_first(block.module(*args, **kwargs)) for args, kwargs in inputs.calls]
+    outputs = run_block(block, inputs)
     return sum(float(_loss(o, t)) for o, t in zip(outputs, targets)) / len(outputs), outputs
 
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
