@@ -67,7 +67,8 @@ def from_params(params: dict) -> Reconstruction | None:
     epochs = float(params.get("reconstruct_epochs", 0))
     lr, trainable = float(params.get("reconstruct_lr", 1e-4)), params.get("reconstruct_trainable", "targets")
     if epochs < 0 or lr <= 0:
-        raise HarnessError(f"reconstruct_epochs must be 0 or more and reconstruct_lr positive, got {epochs:g} and {lr:g}")
+        raise HarnessError(f"reconstruct_epochs must be 0 or more and reconstruct_lr positive, "
+                           f"got {epochs:g} and {lr:g}")
     if trainable not in TRAINABLE:
         raise HarnessError(f"reconstruct_trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
     return Reconstruction(epochs, lr, trainable) if epochs else None
