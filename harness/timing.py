@@ -150,6 +150,11 @@ def vector_features(info: dict) -> str:
     return ", ".join(label for flag, label in VECTOR_FEATURES.items() if flag in flags) or "no AVX2"
 
 
+def cpu_has_vnni() -> bool:
+    """Does this CPU multiply 8-bit integers with VNNI (AVX-512 or AVX) instructions?"""
+    return bool({"avx512_vnni", "avx_vnni"} & set(cpu_info().get("avx", ())))
+
+
 def node_kind(info: dict) -> dict:
     """The part of `cpu_info()` that must match for two timings to be compared."""
     return {key: info.get(key) for key in NODE_KIND}
