@@ -82,4 +82,3 @@ def _error(block: Block, inputs: BlockInputs, targets: list[torch.Tensor]) -> tu
     """The mean loss of the block over all samples, and its outputs."""
     outputs = run_block(block, inputs)
     return sum(float(_loss(o, t)) for o, t in zip(outputs, targets)) / len(outputs), outputs
-

@@ -103,14 +103,9 @@ class RecoveryPlan:
         return round(self.ramp * self.steps)
 
 
-def cpu_has_bf16() -> bool:
-    """Does this CPU multiply bf16 matrices natively (AMX or AVX512-BF16)? Without, bf16 is emulated and slower."""
-    return bool({"amx_bf16", "avx512_bf16"} & set(timing.cpu_info().get("avx", ())))
-
-
 def resolved_precision(plan: RecoveryPlan) -> str:
     if plan.precision == "auto":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return "bf16" if timing.cpu_has_bf16() else "fp32"
     return plan.precision
 
 

@@ -152,7 +152,16 @@ def vector_features(info: dict) -> str:
 
 def cpu_has_vnni() -> bool:
     """Does this CPU multiply 8-bit integers with VNNI (AVX-512 or AVX) instructions?"""
-    return bool({"avx512_vnni", "avx_vnni"} & set(cpu_info().get("avx", ())))
+    return _has_any({"avx512_vnni", "avx_vnni"})
+
+
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 matrices natively (AMX or AVX512-BF16)? Without, bf16 is emulated and slower."""
+    return _has_any({"amx_bf16", "avx512_bf16"})
+
+
+def _has_any(flags: set[str]) -> bool:
+    return bool(flags & set(cpu_info().get("avx", ())))
 
 
 def node_kind(info: dict) -> dict:

@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from harness import layerwise, reconstruct
-from harness.errors import HarnessError
 
 
 def module_of(model: torch.nn.Module, target: str) -> torch.nn.Module:
@@ -67,7 +66,7 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
           mask_structure: str = "0:0", sequential: bool = True,
           reconstruction: reconstruct.Reconstruction | None = None) -> None:
     """Prune `targets` (Linear/Conv1D weights) in place; `sparsity` is one fraction or one per target; each
-    block trained after pruning with a `reconstruction` (sequential only)."""
+    block trained after pruning with a `reconstruction` (sequential only: the caller checks)."""
     from sparseml.modifiers.pruning.wanda.utils.wanda_wrapper import WandaWrapper
 
     prunen, prunem = (int(part) for part in mask_structure.split(":"))
@@ -81,8 +80,6 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
             wrapper.fasterprune(sparsity=level(target), prunen=prunen, prunem=prunem)
 
     if not sequential:
-        if reconstruction:
-            raise HarnessError("block-wise reconstruction (reconstruct_epochs > 0) needs sequential: true")
         prune_with(targets, dense_input_norms(model, targets, batches))
         return
 

@@ -132,18 +132,18 @@ def _solver_arguments(rendered: dict) -> tuple[str, dict] | None:
     return None
 
 
-# modifier -> (how the harness runs it on (job, per-target levels, modifier arguments), what to tell the user)
+# modifier -> (how the harness runs it on (job, per-target levels, modifier arguments, block reconstruction),
+# what to tell the user)
 SOLVERS = {
     "SparseGPTModifier": (
-        lambda job, levels, args: sparsegpt.prune(
+        lambda job, levels, args, reconstruction: sparsegpt.prune(
             job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
-            int(args.get("block_size", 128)), float(args.get("dampening_frac", 0.01)),
-            reconstruct.from_params(job.recipe.params)),
+            int(args.get("block_size", 128)), float(args.get("dampening_frac", 0.01)), reconstruction),
         "SparseML's SparseGPT solver, block by block (harness.sparsegpt)"),
     "WandaPruningModifier": (
-        lambda job, levels, args: wanda.prune(
+        lambda job, levels, args, reconstruction: wanda.prune(
             job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
-            bool(args.get("sequential_update", True)), reconstruct.from_params(job.recipe.params)),
+            bool(args.get("sequential_update", True)), reconstruction),
         "SparseML's Wanda masks (harness.wanda)"),
 }
 
@@ -165,15 +165,19 @@ def _run_session(job: PruneJob) -> str:
     (SparseML 1.8 runs the whole model over the calibration data once per pruned layer for them), with the
     recipe's per-layer `allocation`, and on GPT-2's Conv1D layers."""
     solver = _solver_arguments(job.rendered())
+    reconstruction = reconstruct.from_params(job.recipe.params)
+    if reconstruction and not (solver and solver[1].get("sequential_update", True)):
+        raise HarnessError(f"recipe {job.recipe.name}: block-wise reconstruction needs the harness's solver, "
+                           f"block by block (sequential: true)")
     if solver:
         name, arguments = solver
         _check_mask_structure(job, str(arguments.get("mask_structure", "0:0")))
         run, how = SOLVERS[name]
-        run(job, allocation.planned(job), arguments)
+        run(job, allocation.planned(job), arguments, reconstruction)
         return how
-    if job.recipe.params.get("allocation", "uniform") != "uniform" or reconstruct.from_params(job.recipe.params):
-        raise HarnessError(f"recipe {job.recipe.name}: a non-uniform allocation or block-wise reconstruction needs "
-                           f"the harness's solver (sequential: true)")
+    if job.recipe.params.get("allocation", "uniform") != "uniform":
+        raise HarnessError(f"recipe {job.recipe.name}: a non-uniform allocation needs the harness's solver "
+                           f"(sequential: true)")
     from sparseml import core as logger_module
     from sparseml.core.framework import Framework
     from sparseml.core.recipe import Recipe as SessionRecipe
