@@ -108,6 +108,9 @@ def test_parameters_take_the_type_of_their_default():
     short = recipe.with_params({"tokens": "1024", "train_seq_len": 32, "accumulation": 1})
     assert "train_steps: 2\nramp_steps: 2\n" in short.render_text(0.9, [])
     assert load_recipe("inc/oneshot-magnitude").with_params({"pattern": "2:4"}).params["pattern"] == "2:4"
+    for calibrated in ("sparseml/oneshot-sparsegpt", "sparseml/oneshot-wanda"):
+        assert load_recipe(calibrated).calibration.corpus == "fineweb"
+        assert load_recipe(f"{calibrated}@calibration_corpus=wikipedia").calibration.corpus == "wikipedia"
     with pytest.raises(HarnessError, match="parameter lr must be a number"):
         recipe.with_params({"lr": "NaN"})
 
