@@ -86,6 +86,23 @@ def test_wikitext_is_split_into_articles_at_top_level_headings(tmp_path):
     assert pages[1].startswith(" = Second Article = ")
 
 
+def test_ptb_is_scored_in_documents_of_a_hundred_sentences(tmp_path):
+    """PTB's sentences grouped into documents; the uniform model's word perplexity is V^(tokens/words)."""
+    sentences = [f" the company said {i} shares of <unk> rose N % " for i in range(150)]
+    raw = tmp_path / "ptb.test.txt"
+    raw.write_text("\n".join(sentences) + "\n")
+    pages = language_modeling.ptb_documents({"text": str(raw)})["test"]["page"]
+    assert [page.count("\n") + 1 for page in pages] == [100, 50] and pages[1].startswith("the company said 100 ")
+    tokenizer = load.load_model("tiny-gpt2").tokenizer
+    lm = UniformLM(tokenizer, vocab=260, max_length=64)
+    job = job_for("ptb", data={"test": DataSource("test", files={"text": raw})})
+    metrics, examples, _ = language_modeling.run_task(lm, job)
+    tokens = sum(len(tokenizer.encode(page)) for page in pages)  # byte-level, but <unk> is one token
+    words = sum(len(page.split()) for page in pages)
+    assert examples == 2
+    assert metrics["word_perplexity"].value == pytest.approx(math.exp(tokens * math.log(260) / words), rel=1e-9)
+
+
 class UniformLM(TemplateLM):
     """Every next token equally likely among `vocab`: perplexities known in closed form."""
 
