@@ -69,10 +69,6 @@ INT8_FLIP_SHARE = 0.25  # <= this x mean |fake-quantized - FP32 activations| (th
 # mean output on an AVX2-only EPYC. Both bounds are relaxed by this factor on such CPUs.
 NO_VNNI_FACTOR = 2.0
 
-
-def int8_parity_factor() -> float:
-    """How much looser the INT8 parity bounds are on this CPU (`NO_VNNI_FACTOR` without VNNI, else 1)."""
-    return 1.0 if timing.cpu_has_vnni() else NO_VNNI_FACTOR
 # SmoothQuant (the quantization recipe's `smoothing` strength > 0) per model type: SparseML's SmoothQuantModifier
 # mappings, [the layers sharing an input, the norm whose output is that input]; it divides the norm's output
 # per channel by a scale and multiplies the layers' input columns by it (the same function, flatter
@@ -86,6 +82,11 @@ SMOOTHING_MAPPINGS = {
 # modification swaps their self-attention for one computing QK^T and scores x V in quantizable matmul modules,
 # which its modifier quantizes and its export turns into MatMulInteger (checked here for these two).
 INT8_ATTENTION = ("bert", "llama")
+
+
+def int8_parity_factor() -> float:
+    """How much looser the INT8 parity bounds are on this CPU (`NO_VNNI_FACTOR` without VNNI, else 1)."""
+    return 1.0 if timing.cpu_has_vnni() else NO_VNNI_FACTOR
 
 
 def check_available(recipe: Recipe, checkpoint: Path) -> None:
