@@ -48,6 +48,9 @@ class BlockInputs:
 
     calls: list[tuple[tuple, dict]]
 
+    def subset(self, indices: list[int]) -> BlockInputs:
+        return BlockInputs([self.calls[i] for i in indices])
+
     def replace_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
         return BlockInputs([((h, *args[1:]), kwargs) for h, (args, kwargs) in zip(hidden, self.calls)])
 
@@ -171,7 +174,8 @@ def sequential(model, found: list[Block], batches: list[dict],
     (the block on its inputs: the outputs of the already-pruned blocks before it), removes them and
     prunes the block's targets. `found` is `blocks(model, targets)`. With a `reconstruction`, each pruned
     block is then trained to give the dense model's output of that block (`harness.reconstruct`): the dense
-    model's block inputs are kept alongside (captured before any pruning where a transition is not chained).
+    model's block inputs on the samples it needs are kept alongside (captured before any pruning where a
+    transition is not chained).
     Yields each block's name when it is done."""
     if not batches:
         raise HarnessError("sequential calibration needs calibration batches")
@@ -179,17 +183,19 @@ def sequential(model, found: list[Block], batches: list[dict],
     chained = chained_transitions(model, found, batches[0])
     inputs = capture(model, found[0], batches)
     dense_inputs, dense_captured = None, {}
-    if reconstruction:
-        dense_inputs = inputs
-        dense_captured = {i + 1: capture(model, found[i + 1], batches)
+    if reconstruction:  # the dense model's block inputs, on the samples the reconstruction needs
+        needed = reconstruction.samples(len(batches))
+        dense_inputs = inputs.subset(needed)
+        dense_captured = {i + 1: capture(model, found[i + 1], [batches[j] for j in needed])
                           for i in range(len(found) - 1) if i not in chained}
     for i, block in enumerate(found):
         dense_outputs = run_block(block, dense_inputs) if reconstruction else None
         calibrate_and_prune(block, lambda: run_block(block, inputs))
         outputs = None
         if reconstruction:
-            before, after, outputs = reconstruction.train(block, inputs, dense_outputs)
-            tqdm.write(f"{block.name}: reconstruction error {before:.4f} -> {after:.4f}")
+            before, after, outputs = reconstruction.train(block, inputs, dict(zip(needed, dense_outputs)))
+            tqdm.write(f"{block.name}: reconstruction error {before:.4f} -> {after:.4f}"
+                       + ("" if after < before else ", not lower: undone"))
         if i + 1 < len(found):
             inputs = (inputs.replace_hidden(outputs or run_block(block, inputs)) if i in chained
                       else capture(model, found[i + 1], batches))

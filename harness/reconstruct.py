@@ -6,8 +6,10 @@ layer's inputs alone, so errors add up from block to block. Here, right after a 
 (the outputs of the already-pruned blocks before it), it reproduces the dense model's output of that
 block: each block corrects the error of the blocks before it, on the calibration data, before the
 next block is calibrated. The loss is the squared error over the target's mean square (so one
-learning rate fits every block, whatever its scale). It costs about `epochs` forward and backward
-passes of the model over the calibration data, and a second cache of block inputs (the dense ones).
+learning rate fits every block, whatever its scale); a block whose error it does not lower is put
+back as pruned. It costs about `epochs` forward and backward passes of the model over the calibration
+data, and the dense model's forward pass and block inputs on the samples trained on (the same for every
+block) and those the error is measured on.
 """
 from __future__ import annotations
 
@@ -31,26 +33,38 @@ class Reconstruction:
     trainable: str = "targets"
     seed: int = 0
 
-    def train(self, block: Block, inputs: BlockInputs, targets: list[torch.Tensor]) -> tuple[float, float, list]:
-        """Train `block` (just pruned) so that on `inputs` it gives `targets`, its pruned weights kept at zero;
-        returns its error (the mean loss on the first ERROR_SAMPLES samples) before and after, and its outputs
-        after (on every sample)."""
+    def order(self, count: int) -> list[int]:
+        """The samples trained on, in order: one shuffle of the `count` samples, repeated as the epochs need (the
+        same for every block, so the dense model's outputs are needed on these and the error samples only)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        steps = max(1, round(self.epochs * count))
+        return torch.cat([torch.randperm(count, generator=generator)
+                          for _ in range(-(-steps // count))])[:steps].tolist()
+
+    def samples(self, count: int) -> list[int]:
+        """The samples whose dense outputs `train` needs: those trained on and the first ERROR_SAMPLES."""
+        return sorted({*self.order(count), *range(min(ERROR_SAMPLES, count))})
+
+    def train(self, block: Block, inputs: BlockInputs, targets: dict[int, torch.Tensor]) -> tuple[float, float, list]:
+        """Train `block` (just pruned) so that on `inputs` it gives `targets` (by sample index, for `samples()`), its
+        pruned weights kept at zero; the training is undone if it does not lower the error (the mean loss on the
+        first ERROR_SAMPLES samples). Returns the error before and after training, and the block's outputs as kept
+        (on every sample)."""
         params = dict(block.module.named_parameters())
         target_names = [target[len(block.name) + 1:] for target in block.targets]
         names = target_names if self.trainable == "targets" else list(params)
         masks = {name: params[name] != 0 for name in target_names}
         was = {name: param.requires_grad for name, param in params.items()}
+        pruned = {name: params[name].detach().clone() for name in names}
         for name, param in params.items():
             param.requires_grad_(name in names)
         optimizer = torch.optim.Adam([params[name] for name in names], lr=self.lr)
-        generator = torch.Generator().manual_seed(self.seed)
-        steps = max(1, round(self.epochs * len(inputs.calls)))
-        order = torch.cat([torch.randperm(len(inputs.calls), generator=generator)
-                           for _ in range(-(-steps // len(inputs.calls)))])[:steps]
-        before = _error(run_block(block, BlockInputs(inputs.calls[:ERROR_SAMPLES])), targets)
+        checked = range(min(ERROR_SAMPLES, len(inputs.calls)))
+        before = _error(run_block(block, BlockInputs([inputs.calls[i] for i in checked])), targets)
         try:
             with torch.enable_grad():
-                for index in tqdm(order.tolist(), desc=f"reconstruct {block.name}", unit="sample", leave=False):
+                for index in tqdm(self.order(len(inputs.calls)), desc=f"reconstruct {block.name}", unit="sample",
+                                  leave=False):
                     args, kwargs = inputs.calls[index]
                     _loss(first_output(block.module(*args, **kwargs)), targets[index]).backward()
                     optimizer.step()
@@ -62,7 +76,13 @@ class Reconstruction:
             for name, param in params.items():
                 param.requires_grad_(was[name])
         outputs = run_block(block, inputs)
-        return before, _error(outputs[:ERROR_SAMPLES], targets), outputs
+        after = _error(outputs[:len(checked)], targets)
+        if not after < before:  # NaN too
+            with torch.no_grad():
+                for name, weights in pruned.items():
+                    params[name].copy_(weights)
+            outputs = run_block(block, inputs)
+        return before, after, outputs
 
 
 def from_params(params: dict) -> Reconstruction | None:
@@ -81,6 +101,6 @@ def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((output - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12)
 
 
-def _error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """The mean loss of `outputs` against the first as many `targets`."""
-    return sum(float(_loss(o, t)) for o, t in zip(outputs, targets)) / len(outputs)
+def _error(outputs: list[torch.Tensor], targets: dict[int, torch.Tensor]) -> float:
+    """The mean loss of the first samples' `outputs` against their `targets`."""
+    return sum(float(_loss(output, targets[index])) for index, output in enumerate(outputs)) / len(outputs)

@@ -29,14 +29,29 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
         # solver would still prune each column block's smallest weight, at 1 it indexes past its sorted scores).
         wrappers = {target: SparseGptWrapper(target, module) for target, module in modules.items()
                     if 0 < level(target) < 1}
-        handles = [modules[target].register_forward_hook(
-            lambda mod, inputs, output, wrapper=wrapper: wrapper.add_batch(inputs[0].data, output.data))
-            for target, wrapper in wrappers.items()]
+        last_input, twins = {}, {}
+
+        def collect(target: str, layer_input: torch.Tensor) -> None:
+            # Layers fed the same tensor (q, k and v; gate and up) have the same Hessian: one of them computes it.
+            twin = next((other for other, seen in last_input.items() if seen is layer_input), None)
+            last_input[target] = layer_input
+            if twin is None:
+                wrappers[target].add_batch(layer_input.data, None)
+            else:
+                twins[target] = twin
+
+        handles = [modules[target].register_forward_hook(lambda mod, args, out, target=target: collect(target, args[0]))
+                   for target in wrappers]
         try:
             run()
         finally:
             for handle in handles:
                 handle.remove()
+            last_input.clear()
+        for target, twin in twins.items():
+            while twin in twins:
+                twin = twins[twin]
+            wrappers[target].H, wrappers[target].nsamples = wrappers[twin].H.clone(), wrappers[twin].nsamples
         with torch.no_grad():
             for target, wrapper in wrappers.items():
                 wrapper.fasterprune(sparsity=level(target), prunen=prunen, prunem=prunem, blocksize=block_size,

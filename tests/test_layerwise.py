@@ -3,15 +3,15 @@ before it produces, in every architecture (checked against a full forward pass o
 import pytest
 import torch
 
-from harness import layerwise, load, reconstruct, sparsity
+from harness import layerwise, load, reconstruct, sparsegpt, sparsity
 from harness.errors import HarnessError
 
 TEXTS = ("The quick brown fox jumps over the lazy dog, and then some more words follow.",
          "Another sentence that is long enough to fill a few tokens.")
 
 
-def batches_for(loaded) -> list[dict]:
-    batches = [dict(loaded.tokenizer([text], return_tensors="pt", truncation=True, max_length=24)) for text in TEXTS]
+def batches_for(loaded, texts=TEXTS) -> list[dict]:
+    batches = [dict(loaded.tokenizer([text], return_tensors="pt", truncation=True, max_length=24)) for text in texts]
     if loaded.spec.architecture == "encoder-decoder":
         for batch in batches:
             batch["decoder_input_ids"] = batch["input_ids"][:, :6]
@@ -94,3 +94,70 @@ def test_reconstruction_keeps_the_masks_and_brings_the_pruned_model_closer_to_th
     printed = capsys.readouterr()
     lines = [line for line in (printed.out + printed.err).splitlines() if "reconstruction error" in line]
     assert len(lines) == len(found) and all(float(line.split()[-1]) < float(line.split()[-3]) for line in lines)
+
+
+def test_reconstruction_that_does_not_lower_the_error_is_undone(capsys):
+    plain, diverged = (load.load_model("tiny-llama").model for _ in range(2))
+    batches = batches_for(load.load_model("tiny-llama"))
+    for model, plan in ((plain, None), (diverged, reconstruct.Reconstruction(epochs=1, lr=100.0))):
+        found = layerwise.blocks(model, sparsity.prunable_names(model))
+        list(layerwise.sequential(model, found, batches, lambda block, run: halve(model, block.targets), plan))
+    assert capsys.readouterr().out.count("not lower: undone") == len(found)
+    for (name, got), want in zip(diverged.named_parameters(), plain.parameters()):
+        assert torch.equal(got, want), name
+
+
+def test_reconstruction_is_given_the_dense_blocks_outputs_on_the_samples_it_needs_only(monkeypatch):
+    loaded = load.load_model("tiny-m2m100")  # its decoder's inputs are captured again, not chained
+    dense = load.load_model("tiny-m2m100").model
+    batches = batches_for(loaded, [f"Sample {k}: {TEXTS[k % 2]}" for k in range(6)])
+    monkeypatch.setattr(reconstruct, "ERROR_SAMPLES", 2)
+    plan = reconstruct.Reconstruction(epochs=0.5, lr=0.001)
+    train, checked = reconstruct.Reconstruction.train, []
+
+    def spy(self, block, inputs, targets):
+        assert sorted(targets) == plan.samples(len(batches)) and 2 < len(targets) < len(batches)
+        outputs = []
+        handle = dense.get_submodule(block.name).register_forward_hook(
+            lambda module, args, output: outputs.append(layerwise.first_output(output)))
+        with torch.no_grad():
+            for index in targets:
+                dense(**layerwise._model_kwargs(dense, batches[index]))
+        handle.remove()
+        assert all(torch.allclose(targets[index], output, atol=1e-5) for index, output in zip(targets, outputs))
+        checked.append(block.name)
+        return train(self, block, inputs, targets)
+
+    monkeypatch.setattr(reconstruct.Reconstruction, "train", spy)
+    found = layerwise.blocks(loaded.model, sparsity.prunable_names(loaded.model))
+    list(layerwise.sequential(loaded.model, found, batches, lambda block, run: halve(loaded.model, block.targets),
+                              plan))
+    assert checked == [block.name for block in found]
+
+
+def test_layers_fed_the_same_input_share_one_hessian_and_prune_as_with_their_own(monkeypatch):
+    from sparseml.modifiers.obcq.utils.sgpt_wrapper import SparseGptWrapper
+
+    shared, own = (load.load_model("tiny-llama").model for _ in range(2))
+    batches = batches_for(load.load_model("tiny-llama"))
+    targets = sparsity.prunable_names(own)
+
+    def calibrate_and_prune(block, run):  # one Hessian per layer, as SparseML computes them
+        wrappers = [SparseGptWrapper(t, own.get_submodule(t.rsplit(".", 1)[0])) for t in block.targets]
+        handles = [w.layer.register_forward_hook(lambda m, args, out, w=w: w.add_batch(args[0].data, out.data))
+                   for w in wrappers]
+        run()
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for wrapper in wrappers:
+                wrapper.fasterprune(sparsity=0.5, blocksize=128, percdamp=0.01)
+
+    list(layerwise.sequential(own, layerwise.blocks(own, targets), batches, calibrate_and_prune))
+    add_batch, computed = SparseGptWrapper.add_batch, []
+    monkeypatch.setattr(SparseGptWrapper, "add_batch", lambda self, *args: computed.append(self.name)
+                        or add_batch(self, *args))
+    sparsegpt.prune(shared, targets, batches, 0.5)
+    assert len(computed) == len(batches) * 4 * len(layerwise.blocks(shared, targets))  # q (k, v), o, gate (up), down
+    for (name, got), want in zip(shared.named_parameters(), own.parameters()):
+        assert torch.allclose(got, want, atol=1e-6), name
