@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Iterator
 
 from harness import quantize
@@ -34,7 +35,7 @@ def wikitext_articles(data_files: dict, **_):
     lm-eval's `EleutherAI/wikitext_document_level` dataset does."""
     import datasets
 
-    lines = open(data_files["text"], encoding="utf-8").read().split("\n")
+    lines = Path(data_files["text"]).read_text(encoding="utf-8").split("\n")
     pages, current = [], []
     for line in lines:
         heading = line.replace("= = =", "===").replace("= =", "==").strip()
@@ -52,7 +53,8 @@ def ptb_documents(data_files: dict, **_):
     LIMIT counts documents as it does WikiText-2's articles."""
     import datasets
 
-    lines = [line.strip() for line in open(data_files["text"], encoding="utf-8") if line.strip()]
+    lines = [line.strip() for line in Path(data_files["text"]).read_text(encoding="utf-8").splitlines()
+             if line.strip()]
     pages = ["\n".join(lines[i:i + PTB_SENTENCES]) for i in range(0, len(lines), PTB_SENTENCES)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": pages})})
 
