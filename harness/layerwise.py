@@ -167,11 +167,38 @@ def run_block(block: Block, inputs: BlockInputs) -> list[torch.Tensor]:
     return [first_output(block.module(*args, **kwargs)) for args, kwargs in inputs.calls]
 
 
+@torch.no_grad()
+def calibration_pass(block: Block, inputs: BlockInputs) -> None:
+    """Run the block on every cached input for the caller's hooks on its target layers, each sample's pass
+    stopped at the last target layer of the first sample's (what follows it is not needed)."""
+    layers = {block.module.get_submodule(target[len(block.name) + 1:].rsplit(".", 1)[0]) for target in block.targets}
+    called, last = [], None
+
+    def stop_after_last(module, args, output):
+        if last is None:
+            called.append(module)
+        elif module is last:
+            raise _Stop
+
+    handles = [layer.register_forward_hook(stop_after_last) for layer in layers]  # after the caller's
+    try:
+        for args, kwargs in inputs.calls:
+            try:
+                block.module(*args, **kwargs)
+            except _Stop:
+                pass
+            if last is None and called and called.count(called[-1]) == 1:  # a layer called twice: never stop
+                last = called[-1]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def sequential(model, found: list[Block], batches: list[dict],
                calibrate_and_prune: Callable[[Block, Callable[[], object]], None],
                reconstruction: Reconstruction | None = None) -> Iterator[str]:
     """Prune block by block: `calibrate_and_prune(block, run)` installs its statistics hooks, calls `run()`
-    (the block on its inputs: the outputs of the already-pruned blocks before it), removes them and
+    (`calibration_pass`: the block on its inputs, the outputs of the already-pruned blocks before it), removes them and
     prunes the block's targets. `found` is `blocks(model, targets)`. With a `reconstruction`, each pruned
     block is then trained to give the dense model's output of that block (`harness.reconstruct`): the dense
     model's block inputs on the samples it needs are kept alongside (captured before any pruning where a
@@ -190,7 +217,7 @@ def sequential(model, found: list[Block], batches: list[dict],
                           for i in range(len(found) - 1) if i not in chained}
     for i, block in enumerate(found):
         dense_outputs = run_block(block, dense_inputs) if reconstruction else None
-        calibrate_and_prune(block, lambda: run_block(block, inputs))
+        calibrate_and_prune(block, lambda: calibration_pass(block, inputs))
         outputs = None
         if reconstruction:
             before, after, outputs = reconstruction.train(block, inputs, dict(zip(needed, dense_outputs)))

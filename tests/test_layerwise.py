@@ -135,15 +135,22 @@ def test_reconstruction_is_given_the_dense_blocks_outputs_on_the_samples_it_need
     assert checked == [block.name for block in found]
 
 
-def test_layers_fed_the_same_input_share_one_hessian_and_prune_as_with_their_own(monkeypatch):
+def test_sparsegpt_hessians_are_sparsemls_computed_once_per_input(monkeypatch):
     from sparseml.modifiers.obcq.utils.sgpt_wrapper import SparseGptWrapper
 
-    shared, own = (load.load_model("tiny-llama").model for _ in range(2))
+    harness_run, sparseml_run = (load.load_model("tiny-llama").model for _ in range(2))
     batches = batches_for(load.load_model("tiny-llama"))
-    targets = sparsity.prunable_names(own)
+    targets = sparsity.prunable_names(sparseml_run)
+    fasterprune, hessians = SparseGptWrapper.fasterprune, {}
 
-    def calibrate_and_prune(block, run):  # one Hessian per layer, as SparseML computes them
-        wrappers = [SparseGptWrapper(t, own.get_submodule(t.rsplit(".", 1)[0])) for t in block.targets]
+    def spy(self, **kwargs):
+        hessians.setdefault(self.name, []).append(self.H.clone())
+        return fasterprune(self, **kwargs)
+
+    monkeypatch.setattr(SparseGptWrapper, "fasterprune", spy)
+
+    def calibrate_and_prune(block, run):  # SparseML's own Hessians, one per layer
+        wrappers = [SparseGptWrapper(t, sparseml_run.get_submodule(t.rsplit(".", 1)[0])) for t in block.targets]
         handles = [w.layer.register_forward_hook(lambda m, args, out, w=w: w.add_batch(args[0].data, out.data))
                    for w in wrappers]
         run()
@@ -153,11 +160,30 @@ def test_layers_fed_the_same_input_share_one_hessian_and_prune_as_with_their_own
             for wrapper in wrappers:
                 wrapper.fasterprune(sparsity=0.5, blocksize=128, percdamp=0.01)
 
-    list(layerwise.sequential(own, layerwise.blocks(own, targets), batches, calibrate_and_prune))
-    add_batch, computed = SparseGptWrapper.add_batch, []
-    monkeypatch.setattr(SparseGptWrapper, "add_batch", lambda self, *args: computed.append(self.name)
-                        or add_batch(self, *args))
-    sparsegpt.prune(shared, targets, batches, 0.5)
-    assert len(computed) == len(batches) * 4 * len(layerwise.blocks(shared, targets))  # q (k, v), o, gate (up), down
-    for (name, got), want in zip(shared.named_parameters(), own.parameters()):
-        assert torch.allclose(got, want, atol=1e-6), name
+    list(layerwise.sequential(sparseml_run, layerwise.blocks(sparseml_run, targets), batches, calibrate_and_prune))
+    add, computed = sparsegpt.Hessian.add, []
+    monkeypatch.setattr(sparsegpt.Hessian, "add", lambda self, x: computed.append(x) or add(self, x))
+    sparsegpt.prune(harness_run, targets, batches, 0.5)
+    assert len(computed) == len(batches) * 4 * len(layerwise.blocks(harness_run, targets))  # q (k, v), o, gate (up), down
+    for target, (sparseml_h, harness_h) in hessians.items():
+        assert torch.allclose(harness_h, sparseml_h, rtol=1e-3, atol=1e-4), target  # float32 sums in two orders
+    for (name, got), want in zip(harness_run.named_parameters(), sparseml_run.parameters()):
+        assert torch.allclose(got, want, atol=1e-5), name
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt2", "tiny-llama"])
+def test_the_calibration_pass_feeds_every_target_layer_and_stops_after_the_last_one(alias):
+    loaded = load.load_model(alias)
+    model, batches = loaded.model, batches_for(loaded, [f"Sample {k}: {TEXTS[k % 2]}" for k in range(4)])
+    block = layerwise.blocks(model, sparsity.prunable_names(model))[0]
+    inputs = layerwise.capture(model, block, batches)
+    fed = {t: 0 for t in block.targets}
+    handles = [model.get_submodule(t.rsplit(".", 1)[0]).register_forward_hook(
+        lambda module, args, out, t=t: fed.__setitem__(t, fed[t] + 1)) for t in block.targets]
+    finished = []
+    handles.append(block.module.register_forward_hook(lambda module, args, out: finished.append(1)))
+    layerwise.calibration_pass(block, inputs)
+    for handle in handles:
+        handle.remove()
+    assert fed == {t: len(batches) for t in block.targets}
+    assert len(finished) == 1  # the first sample only: the others stop at the block's last target layer
