@@ -1,7 +1,8 @@
-"""SparseGPT, sequentially: SparseML's own SparseGPT solver (`SparseGptWrapper`: Hessian from the
-layer inputs, then its blocked OBS weight update) applied block by block through `layerwise`, so
-each block is calibrated on the outputs of the already-pruned blocks before it, as in the paper,
-at the cost of about one forward pass instead of SparseML 1.8's one pass per pruned layer.
+"""SparseGPT, sequentially: SparseML's own SparseGPT solver (`SparseGptWrapper`: its blocked OBS weight
+update from the Hessian of the layer's inputs) applied block by block through `layerwise`, so each
+block is calibrated on the outputs of the already-pruned blocks before it, as in the paper, at the
+cost of about one forward pass instead of SparseML 1.8's one pass per pruned layer. The Hessians are
+SparseML's, computed here at three quarters of the work and once for layers fed the same tensor.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from harness import layerwise, reconstruct
 class Hessian:
     """SparseML's H, 2/n X^T X over the n calibration samples of a layer's input X, of which only the two
     diagonal blocks and one off-diagonal block are multiplied out: three quarters of the work of
-    SparseML's `add_batch` (which takes about a fifth of SparseGPT's time on SmolLM2)."""
+    SparseML's `add_batch` (a fifth to a quarter of SparseGPT's time on SmolLM2)."""
 
     def __init__(self, columns: int):
         self.half = columns // 2

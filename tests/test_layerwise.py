@@ -164,7 +164,8 @@ def test_sparsegpt_hessians_are_sparsemls_computed_once_per_input(monkeypatch):
     add, computed = sparsegpt.Hessian.add, []
     monkeypatch.setattr(sparsegpt.Hessian, "add", lambda self, x: computed.append(x) or add(self, x))
     sparsegpt.prune(harness_run, targets, batches, 0.5)
-    assert len(computed) == len(batches) * 4 * len(layerwise.blocks(harness_run, targets))  # q (k, v), o, gate (up), down
+    per_block = 4  # q (its H serves k and v), o, gate (serves up), down
+    assert len(computed) == len(batches) * per_block * len(layerwise.blocks(harness_run, targets))
     for target, (sparseml_h, harness_h) in hessians.items():
         assert torch.allclose(harness_h, sparseml_h, rtol=1e-3, atol=1e-4), target  # float32 sums in two orders
     for (name, got), want in zip(harness_run.named_parameters(), sparseml_run.parameters()):
