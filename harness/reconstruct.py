@@ -88,7 +88,7 @@ class Reconstruction:
 def from_params(params: dict) -> Reconstruction | None:
     """The recipe's reconstruction, or None when `reconstruct_epochs` is 0 (or the recipe has none)."""
     epochs = float(params.get("reconstruct_epochs", 0))
-    lr, trainable = float(params.get("reconstruct_lr", 1e-4)), params.get("reconstruct_trainable", "targets")
+    lr, trainable = float(params.get("reconstruct_lr", 1e-3)), params.get("reconstruct_trainable", "block")
     if epochs < 0 or lr <= 0:
         raise HarnessError(f"reconstruct_epochs must be 0 or more and reconstruct_lr positive, "
                            f"got {epochs:g} and {lr:g}")
