@@ -101,7 +101,8 @@ class StallWatch(BackgroundSampler):
         return _cpu_seconds(self._process) + self._children_total(_cpu_seconds)
 
     def _measure(self) -> None:
-        now, cpu = time.monotonic(), self._cpu_seconds()
+        # This sampling thread's own CPU time (listing the child processes) is not the stage's progress.
+        now, cpu = time.monotonic(), self._cpu_seconds() - time.thread_time()
         idle = now - self._progress_at
         if cpu - self._progress_cpu > IDLE_CPU_SHARE * idle:
             self._progress_at, self._progress_cpu = now, cpu
