@@ -59,8 +59,8 @@ class Reconstruction:
         for name, param in params.items():
             param.requires_grad_(name in names)
         optimizer = torch.optim.Adam([params[name] for name in names], lr=self.lr)
-        checked = range(min(ERROR_SAMPLES, len(inputs.calls)))
-        before = _error(run_block(block, BlockInputs([inputs.calls[i] for i in checked])), targets)
+        checked = list(range(min(ERROR_SAMPLES, len(inputs.calls))))
+        before = _error(run_block(block, inputs.subset(checked)), targets)
         try:
             with torch.enable_grad():
                 for index in tqdm(self.order(len(inputs.calls)), desc=f"reconstruct {block.name}", unit="sample",
