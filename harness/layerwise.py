@@ -40,6 +40,19 @@ class Block:
     module: torch.nn.Module
     targets: list[str]  # full parameter names of the target weights inside it
 
+    def local(self, target: str) -> str:
+        """A target's name inside the block (`h.3.attn.c_attn.weight` -> `attn.c_attn.weight`)."""
+        return target[len(self.name) + 1:]
+
+    def layer(self, target: str) -> torch.nn.Module:
+        """The layer holding a target weight of this block."""
+        return layer_of(self.module, self.local(target))
+
+
+def layer_of(model: torch.nn.Module, target: str) -> torch.nn.Module:
+    """The layer holding target weight `target` (`a.b.weight` -> module `a.b`)."""
+    return model.get_submodule(target.rpartition(".")[0])
+
 
 @dataclass
 class BlockInputs:
@@ -171,7 +184,7 @@ def run_block(block: Block, inputs: BlockInputs) -> list[torch.Tensor]:
 def calibration_pass(block: Block, inputs: BlockInputs) -> None:
     """Run the block on every cached input for the caller's hooks on its target layers, each sample's pass
     stopped at the last target layer of the first sample's (what follows it is not needed)."""
-    layers = {block.module.get_submodule(target[len(block.name) + 1:].rsplit(".", 1)[0]) for target in block.targets}
+    layers = {block.layer(target) for target in block.targets}
     called, last = [], None
 
     def stop_after_last(module, args, output):
@@ -220,9 +233,7 @@ def sequential(model, found: list[Block], batches: list[dict],
         calibrate_and_prune(block, lambda: calibration_pass(block, inputs))
         outputs = None
         if reconstruction:
-            before, after, outputs = reconstruction.train(block, inputs, dict(zip(needed, dense_outputs)))
-            tqdm.write(f"{block.name}: reconstruction error {before:.4f} -> {after:.4f}"
-                       + ("" if after < before else ", not lower: undone"))
+            outputs = reconstruction.train(block, inputs, dict(zip(needed, dense_outputs)))
         if i + 1 < len(found):
             inputs = (inputs.replace_hidden(outputs or run_block(block, inputs)) if i in chained
                       else capture(model, found[i + 1], batches))

@@ -45,13 +45,12 @@ class Reconstruction:
         """The samples whose dense outputs `train` needs: those trained on and the first ERROR_SAMPLES."""
         return sorted({*self.order(count), *range(min(ERROR_SAMPLES, count))})
 
-    def train(self, block: Block, inputs: BlockInputs, targets: dict[int, torch.Tensor]) -> tuple[float, float, list]:
+    def train(self, block: Block, inputs: BlockInputs, targets: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """Train `block` (just pruned) so that on `inputs` it gives `targets` (by sample index, for `samples()`), its
         pruned weights kept at zero; the training is undone if it does not lower the error (the mean loss on the
-        first ERROR_SAMPLES samples). Returns the error before and after training, and the block's outputs as kept
-        (on every sample)."""
+        first ERROR_SAMPLES samples); one line says which. Returns the block's outputs as kept (on every sample)."""
         params = dict(block.module.named_parameters())
-        target_names = [target[len(block.name) + 1:] for target in block.targets]
+        target_names = [block.local(target) for target in block.targets]
         names = target_names if self.trainable == "targets" else list(params)
         masks = {name: params[name] != 0 for name in target_names}
         was = {name: param.requires_grad for name, param in params.items()}
@@ -77,12 +76,15 @@ class Reconstruction:
                 param.requires_grad_(was[name])
         outputs = run_block(block, inputs)
         after = _error(outputs[:len(checked)], targets)
-        if not after < before:  # NaN too
+        lowered = after < before  # not NaN either
+        tqdm.write(f"{block.name}: reconstruction error {before:.4f} -> {after:.4f}"
+                   + ("" if lowered else ", not lower: undone"))
+        if not lowered:
             with torch.no_grad():
                 for name, weights in pruned.items():
                     params[name].copy_(weights)
             outputs = run_block(block, inputs)
-        return before, after, outputs
+        return outputs
 
 
 def from_params(params: dict) -> Reconstruction | None:

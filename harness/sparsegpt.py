@@ -49,7 +49,7 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
     level = sparsity.get if isinstance(sparsity, dict) else (lambda target: sparsity)
 
     def calibrate_and_prune(block: layerwise.Block, run: Callable[[], object]) -> None:
-        modules = {target: model.get_submodule(target.rsplit(".", 1)[0]) for target in block.targets}
+        modules = {target: block.layer(target) for target in block.targets}
         # An allocation's 0 % target stays whole and its 100 % one is zeroed: neither needs a Hessian (at 0 the
         # solver would still prune each column block's smallest weight, at 1 it indexes past its sorted scores).
         solved = [target for target in modules if 0 < level(target) < 1]

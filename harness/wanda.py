@@ -20,10 +20,6 @@ from tqdm import tqdm
 from harness import layerwise, reconstruct
 
 
-def module_of(model: torch.nn.Module, target: str) -> torch.nn.Module:
-    return model.get_submodule(target.rsplit(".", 1)[0])
-
-
 @contextlib.contextmanager
 def squared_input_norms(model: torch.nn.Module, targets: list[str]):
     """While the model runs inside, accumulate per target the sum over tokens of each squared input feature."""
@@ -35,7 +31,7 @@ def squared_input_norms(model: torch.nn.Module, targets: list[str]):
             sums[target] = sums.get(target, 0) + features.pow(2).sum(0)
         return add
 
-    handles = [module_of(model, target).register_forward_hook(hook(target)) for target in targets]
+    handles = [layerwise.layer_of(model, target).register_forward_hook(hook(target)) for target in targets]
     try:
         yield sums
     finally:
@@ -57,9 +53,10 @@ def scores(model: torch.nn.Module, target: str, squared_norms: torch.Tensor) -> 
     """Wanda's |W| x ||X||_2 in the weight's own layout (a Conv1D weight is [in, out], a Linear one [out, in])."""
     from transformers.pytorch_utils import Conv1D
 
-    weight = module_of(model, target).weight.detach().abs().float()
+    layer = layerwise.layer_of(model, target)
+    weight = layer.weight.detach().abs().float()
     norms = squared_norms.sqrt()
-    return weight * (norms[:, None] if isinstance(module_of(model, target), Conv1D) else norms[None, :])
+    return weight * (norms[:, None] if isinstance(layer, Conv1D) else norms[None, :])
 
 
 def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], sparsity: float | dict[str, float],
@@ -75,7 +72,7 @@ def prune(model: torch.nn.Module, targets: list[str], batches: list[dict], spars
     @torch.no_grad()
     def prune_with(names: list[str], sums: dict[str, torch.Tensor]) -> None:
         for target in names:
-            wrapper = WandaWrapper(target, module_of(model, target))
+            wrapper = WandaWrapper(target, layerwise.layer_of(model, target))
             wrapper.scaler_row = sums[target]  # a scale common to a row does not change its ranking
             wrapper.fasterprune(sparsity=level(target), prunen=prunen, prunem=prunem)
 

@@ -127,9 +127,15 @@ def _solver_arguments(rendered: dict) -> tuple[str, dict] | None:
     modifiers = [(name, arguments) for stage in rendered.values() if isinstance(stage, dict)
                  for group in stage.values() if isinstance(group, dict) for name, arguments in group.items()]
     if len(modifiers) == 1 and modifiers[0][0] in SOLVERS and (
-            modifiers[0][0] != "SparseGPTModifier" or modifiers[0][1].get("sequential_update")):
+            modifiers[0][0] != "SparseGPTModifier" or _sequential(*modifiers[0])):
         return modifiers[0]
     return None
+
+
+def _sequential(modifier: str, arguments: dict) -> bool:
+    """Whether the modifier prunes block by block: SparseGPT when its recipe says `sequential_update: true`
+    (else SparseML runs it), Wanda unless it says false (the harness runs Wanda either way)."""
+    return bool(arguments.get("sequential_update", modifier == "WandaPruningModifier"))
 
 
 # modifier -> (how the harness runs it on (job, per-target levels, modifier arguments, block reconstruction),
@@ -143,7 +149,7 @@ SOLVERS = {
     "WandaPruningModifier": (
         lambda job, levels, args, reconstruction: wanda.prune(
             job.model, job.targets, job.calibration, levels, args.get("mask_structure", "0:0"),
-            bool(args.get("sequential_update", True)), reconstruction),
+            _sequential("WandaPruningModifier", args), reconstruction),
         "SparseML's Wanda masks (harness.wanda)"),
 }
 
@@ -166,7 +172,7 @@ def _run_session(job: PruneJob) -> str:
     recipe's per-layer `allocation`, and on GPT-2's Conv1D layers."""
     solver = _solver_arguments(job.rendered())
     reconstruction = reconstruct.from_params(job.recipe.params)
-    if reconstruction and not (solver and solver[1].get("sequential_update", True)):
+    if reconstruction and not (solver and _sequential(*solver)):
         raise HarnessError(f"recipe {job.recipe.name}: block-wise reconstruction needs the harness's solver, "
                            f"block by block (sequential: true)")
     if solver:
