@@ -37,14 +37,13 @@ def one_block_shapes(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HARNESS_EXTRA_MODELS", str(extra))
         patch.setenv("HARNESS_RUNS", str(tmp_path_factory.mktemp("shape-runs")))
-        # as `make bench-shapes` runs them
+        # the stages `make bench-shapes` runs, in this process (test_sweep covers `--isolate`: a process per stage)
         stages = ["prune", "analyze", "export", "bench", "eval"]
         dense = sweep.sweep(list(entries), RECIPES[:1], [0], stages, stage_args={"bench": FAST_BENCH},
-                            discard_artifacts=True, isolate=True)
+                            discard_artifacts=True)
         benched = sweep.sweep(list(entries), RECIPES[:1], [90], stages, stage_args={"bench": FAST_BENCH + SPARSE_ENGINES},
-                              discard_artifacts=True, isolate=True)
-        pruned = sweep.sweep(list(entries), RECIPES[1:], [90], ["prune", "analyze"], discard_artifacts=True,
-                             isolate=True)
+                              discard_artifacts=True)
+        pruned = sweep.sweep(list(entries), RECIPES[1:], [90], ["prune", "analyze"], discard_artifacts=True)
         yield {model: {**dense[model], **benched[model], **pruned[model]} for model in entries}
 
 
