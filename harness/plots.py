@@ -22,18 +22,25 @@ STYLE = {
     "legend.fontsize": 7,
     "legend.framealpha": 0.8,
 }
-LEGEND_MARGIN_IN = 0.8  # inches of title and axis labels beside a legend as tall as the figure
+LEGEND_MARGIN_IN = 0.8  # inches of title and axis labels beside a legend as tall as its row
+MAX_COLUMNS = 3  # further panels wrap onto more rows: one panel per recipe stays a readable width
 
 
 @contextlib.contextmanager
 def figure(path: Path, panels: int = 1, panel_width: float = 6.0, height: float = 4.2) -> Iterator[tuple]:
-    """Draw on the yielded (figure, axes list) in the project style; saved as PNG at `path` when the block ends."""
+    """Draw on the yielded (figure, list of `panels` axes) in the project style, at most MAX_COLUMNS panels per
+    row; saved as PNG at `path` when the block ends."""
+    columns = min(panels, MAX_COLUMNS)
+    rows = -(-panels // columns)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, panels, figsize=(panel_width * panels, height), squeeze=False)
+        fig, grid = plt.subplots(rows, columns, figsize=(panel_width * columns, height * rows), squeeze=False,
+                                 layout="constrained")
+        axes = list(grid.flat)
+        for unused in axes[panels:]:
+            unused.remove()
         try:
-            yield fig, list(axes[0])
-            _fit_legends(fig)
-            fig.tight_layout()
+            yield fig, axes[:panels]
+            _fit_legends(fig, [list(row) for row in grid], height)
             _save_palette_png(fig, path)
         finally:
             plt.close(fig)
@@ -53,11 +60,12 @@ def _save_palette_png(fig, path: Path) -> None:
                                                                                       optimize=True)
 
 
-def _fit_legends(fig) -> None:
-    """Make the figure as tall as its tallest legend (legends sit beside their axes; many runs make them long)."""
+def _fit_legends(fig, rows: list[list], row_height: float) -> None:
+    """Make each row of panels as tall as its tallest legend, at least `row_height` inches (legends sit beside
+    their axes; many runs make them long)."""
     fig.canvas.draw()  # a legend knows its size once drawn
-    tallest = max((legend.get_window_extent().height for ax in fig.axes if (legend := ax.get_legend())), default=0.0)
-    width, height = fig.get_size_inches()
-    needed = tallest / fig.dpi + LEGEND_MARGIN_IN
-    if needed > height:
-        fig.set_size_inches(width, needed)
+    heights = [max([row_height, *(legend.get_window_extent().height / fig.dpi + LEGEND_MARGIN_IN
+                                  for ax in row if (legend := ax.get_legend()))]) for row in rows]
+    if sum(heights) > row_height * len(rows):
+        fig.set_size_inches(fig.get_size_inches()[0], sum(heights))
+        rows[0][0].get_gridspec().set_height_ratios(heights)
