@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from harness.paths import PROJECT_ROOT, reports_dir, runs_dir
+from harness.paths import PROJECT_ROOT, reports_dir
 from harness.report.runs import ModelRuns, Run
 from harness.rundir import level_name
 
@@ -52,10 +52,9 @@ def shown_path(path: Path) -> str:
 
 
 def run_link(run: Run) -> str:
-    """The run directory, as a link relative to the report (the row's provenance)."""
-    shown = run.path.relative_to(runs_dir().parent).as_posix() if run.path.is_relative_to(runs_dir().parent) \
-        else run.path.as_posix()
-    return f"[{shown}]({relative_to_reports(run.path)})"
+    """The run directory, as a link relative to the report (the row's provenance). Its text is short: the row
+    names the recipe and level already, and a report of many runs repeats the link on hundreds of rows."""
+    return f"[run]({relative_to_reports(run.path)})"
 
 
 def make_target(stage: str, model: str, run: Run) -> str:
