@@ -90,6 +90,11 @@ def run_stage_process(argv: list[str]) -> None:
     raise RuntimeError(f"the {argv[0]} stage process {died}: {message[:300]}")
 
 
+def parse_levels(values: list) -> list[float]:
+    """Levels in percent, each value a number or several separated by commas (`--levels 50,90` as `50 90`)."""
+    return [parse_level(level) for value in values for level in str(value).replace(",", " ").split()]
+
+
 def parse_stages(text: str) -> list[str]:
     stages = [s.strip() for s in text.replace(" ", ",").split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGE_ORDER]
@@ -167,7 +172,7 @@ def sweep(models: list[str], recipes: list[str], levels: list, stages: list[str]
 
     `executor` "local" runs the grid here, run after run; "ray" runs it as Ray tasks (harness.ray_executor).
     """
-    levels = [parse_level(level) for level in levels]
+    levels = parse_levels(levels)
     specs = [resolve_spec(model) for model in models]
     recipes = [_canonical(recipe) for recipe in recipes]  # the ledger names runs as their directories do
     options = LevelOptions(limit, force, stage_args, isolate, discard_artifacts)
@@ -264,7 +269,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", nargs="+", required=True, help="one or more models")
     parser.add_argument("--recipe", action="append", default=None,
                         help=f"recipe (repeatable; default {DEFAULT_RECIPE})")
-    parser.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), help="sparsity levels in percent")
+    parser.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS),
+                        help="sparsity levels in percent, space- or comma-separated")
     parser.add_argument("--stages", default=",".join(STAGE_ORDER), help="comma-separated subset of "
                         + ",".join(STAGE_ORDER))
     parser.add_argument("--limit", default=None, help="examples per benchmark for eval (N, or NAME=N entries)")

@@ -83,6 +83,9 @@ def test_a_failing_level_is_recorded_and_the_others_complete(swept, monkeypatch,
 
 
 def test_bad_sweep_arguments_are_one_line_errors():
+    assert sweep.parse_levels(["0,50", "90", 99.5]) == [0, 50, 90, 99.5]
+    with pytest.raises(HarnessError, match="LEVEL must be a number in \\[0, 100\\), got 'x'"):
+        sweep.parse_levels(["50,x"])
     with pytest.raises(HarnessError, match="unknown stage 'train'"):
         sweep.parse_stages("prune,train")
     with pytest.raises(HarnessError, match="STAGE:ARGS"):
