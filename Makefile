@@ -48,7 +48,7 @@ analyze: $(STAMP)  ## sparsity structure of MODEL (alias or run dir; LEVEL= for 
 export: $(STAMP)  ## export a run to ONNX and check parity with PyTorch
 	$(HARNESS) export --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
 
-bench: $(STAMP)  ## DeepSparse vs ONNX Runtime vs PyTorch speed and sizes -> bench.json
+bench: $(STAMP)  ## DeepSparse vs ONNX Runtime, OpenVINO (FP32 and INT8) and PyTorch speed, sizes -> bench.json
 	$(HARNESS) bench --model $(MODEL) --level $(LEVEL) --recipe $(RECIPE) $(ARGS)
 
 eval: $(STAMP)  ## accuracy on MODEL's benchmarks -> eval.json (LIMIT=n examples, or NAME=n,...)

@@ -16,7 +16,7 @@ STAGES = {
     "prune": ("harness.prune", "prune a model with a recipe at a sparsity level"),
     "analyze": ("harness.analyze", "measure how much of a model is (near) zero, overall and by layer"),
     "export": ("harness.export", "export a run to ONNX and check it against PyTorch"),
-    "bench": ("harness.bench", "time DeepSparse, ONNX Runtime and PyTorch on a run; sizes on disk"),
+    "bench": ("harness.bench", "time DeepSparse, ONNX Runtime, OpenVINO and PyTorch on a run; sizes on disk"),
     "eval": ("harness.evaluate", "accuracy on the model's paper benchmarks"),
     "sweep": ("harness.sweep", "run stages over levels and recipes, resuming finished work"),
     "sensitivity": ("harness.sensitivity", "damage of pruning one layer (or block) at a time, on held-out text"),
