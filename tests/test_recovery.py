@@ -98,6 +98,34 @@ def test_encoders_train_on_mixed_length_spans_in_their_special_tokens_and_paddin
     assert float(recovery.distillation_loss(moved, teacher_out, batch, plan)) == pytest.approx(0, abs=1e-6)
 
 
+def test_sentence_spans_run_from_a_sentence_start_to_its_end_in_micro_batches_of_near_equal_length(tmp_path):
+    tokenizer = load.load_model("minilm").tokenizer
+    plan = recovery.RecoveryPlan(tokens=4 * 16 * 32, seq_len=32, batch_size=16, accumulation=1, lengths="sentences")
+    ends = {tokenizer.convert_tokens_to_ids(token) for token in (".", "!", "?")}
+    batches = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)
+    ranges = []
+    for index in range(4):
+        batch = batches(index)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for ids, length in zip(batch["input_ids"].tolist(), lengths):
+            sentence = ids[1:length - 1]
+            assert ids[0] == tokenizer.cls_token_id and ids[length - 1] == tokenizer.sep_token_id
+            assert recovery.MIN_MIXED_LEN <= length <= 32
+            assert not ends & set(sentence[:-1]) and tokenizer.sep_token_id not in sentence  # one sentence, one document
+            assert sentence[-1] in ends or length == 32  # ends at its end, or was cut at seq_len
+        ranges.append((min(lengths), max(lengths)))
+    ranges.sort()
+    assert all(high <= low for (_, high), (low, _) in zip(ranges, ranges[1:]))  # sorted by length: little padding
+    assert len({low for low, _ in ranges}) > 1
+    again = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)(3)  # a restart sees the same batch
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+
+    text = tmp_path / "no-sentences.txt"
+    text.write_text(("words without an end " * 40 + "\n") * 40)  # one document in 20 is held out
+    with pytest.raises(HarnessError, match="has 0 sentences of at least 6 tokens .* use lengths=mixed"):
+        recovery.Batches(tokenizer, dataclasses.replace(plan, corpus=str(text)), "encoder", has_labels=False)
+
+
 def test_the_hidden_state_term_covers_every_layer_relative_to_its_scale_and_skips_padding():
     loaded = load.load_model("minilm")
     batch = dict(loaded.tokenizer(["a sentence to embed", "and another one, longer than the first"],
