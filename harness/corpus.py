@@ -129,6 +129,11 @@ def _tokenizer_identity(tokenizer) -> str:
     return f"{type(tokenizer).__name__}-{hashlib.sha256(vocab).hexdigest()[:16]}"
 
 
+def separator_id(tokenizer) -> int | None:
+    """The token `token_sequences` puts between documents: end-of-text, else [SEP] (None: nothing)."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def token_sequences(tokenizer, corpus: str, count: int, seq_len: int, split: str = "train", repeat: bool = False):
     """`count` sequences of `seq_len` token ids (a [count, seq_len] int64 tensor) from a corpus split; with
     `repeat`, a split shorter than that is read again (training epochs) instead of failing."""
@@ -143,7 +148,7 @@ def token_sequences(tokenizer, corpus: str, count: int, seq_len: int, split: str
     cached = cache_dir() / "corpora" / f"{Path(source.name).name.split('.')[0]}-{split}-{count}x{seq_len}-{key}.pt"
     if cached.exists():
         return torch.load(cached)
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    separator = separator_id(tokenizer)
     needed, ids = count * seq_len, []
     while len(ids) < needed:
         before = len(ids)

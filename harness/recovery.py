@@ -213,18 +213,19 @@ class Batches:
         wrapped = plan.lengths in ("mixed", "sentences") or (plan.lengths == "auto" and architecture == "encoder")
         count = plan.steps * plan.sequences_per_step
         self.plan, self.has_labels, self.tokenizer = plan, has_labels, tokenizer if wrapped else None
-        if wrapped:
+        if wrapped:  # spans of the corpus, each wrapped in the special tokens
             special = len(tokenizer.build_inputs_with_special_tokens([]))
             generator = torch.Generator().manual_seed(plan.seed)
-        if plan.lengths == "sentences":
-            self.spans = sentence_spans(tokenizer, plan, count, special, generator)
-        elif wrapped:  # consecutive spans of one token stream, each wrapped in the special tokens
-            # one length per micro-batch: no padding to compute (16 spans of 8-24 tokens padded to the longest
-            # were a third padding; MiniLM trains 1.26x faster without it), the same lengths over the run
-            lengths = torch.randint(MIN_MIXED_LEN - special, plan.seq_len - special + 1, (count // plan.batch_size,),
-                                    generator=generator).repeat_interleave(plan.batch_size)
-            stream = corpus.token_sequences(tokenizer, plan.corpus, 1, int(lengths.sum()), repeat=True)[0]
-            self.spans = list(torch.split(stream, lengths.tolist()))
+            if plan.lengths == "sentences":
+                self.spans = sentence_spans(tokenizer, plan, count, special, generator)
+            else:  # consecutive spans of one token stream
+                # one length per micro-batch: no padding to compute (16 spans of 8-24 tokens padded to the longest
+                # were a third padding; MiniLM trains 1.26x faster without it), the same lengths over the run
+                lengths = torch.randint(MIN_MIXED_LEN - special, plan.seq_len - special + 1,
+                                        (count // plan.batch_size,), generator=generator)
+                lengths = lengths.repeat_interleave(plan.batch_size)
+                stream = corpus.token_sequences(tokenizer, plan.corpus, 1, int(lengths.sum()), repeat=True)[0]
+                self.spans = list(torch.split(stream, lengths.tolist()))
         else:
             self.sequences = corpus.token_sequences(tokenizer, plan.corpus, count, plan.seq_len, repeat=True)
 
@@ -252,7 +253,7 @@ def sentence_spans(tokenizer, plan: RecoveryPlan, count: int, special: int, gene
     MiniLM embeds sentences: at 90 %, 0.83 M real tokens of sentences of up to 24 tokens raised the cosine to the
     dense embeddings from 0.717 (random 8-24-token spans, which mostly start mid-sentence) to 0.754."""
     ends = {tokenizer.convert_tokens_to_ids(token) for token in (".", "!", "?")} - {tokenizer.unk_token_id}
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    separator = corpus.separator_id(tokenizer)
     stream = corpus.token_sequences(tokenizer, plan.corpus, 1, count * plan.seq_len * 3, repeat=True)[0].tolist()
     sentences, start = [], 0
     for position, token in enumerate(stream):
