@@ -4,11 +4,12 @@ train through a gradual recipe's pruning schedule.
 The student is the pruned model, the teacher the dense one it came from. Batches are sequences of a
 training corpus (`corpus.token_sequences`, never evaluation data; a budget larger than the corpus
 reads it again): full `seq_len` spans for decoders
-and encoder-decoders; for encoders (`lengths: mixed`), spans of random length between MIN_MIXED_LEN and
-`seq_len` wrapped in the tokenizer's special tokens, the form of an encoder's inputs (a sentence embedder
-never sees 128 tokens without [CLS]), one length per micro-batch; with `lengths: sentences`, the spans are
-sentences instead (`sentence_spans`). A token budget rather than a step count (it
-counts `seq_len` slots per sequence; the curve counts the real tokens), AdamW with linear warm-up and cosine decay, gradient accumulation. The
+and encoder-decoders; for encoders, whole sentences wrapped in the tokenizer's special tokens, the form of
+an encoder's inputs (a sentence embedder never sees 128 tokens without [CLS]; `sentence_batches`), or with
+`lengths: mixed`, spans of random length between MIN_MIXED_LEN and `seq_len`, one length per micro-batch.
+A token budget rather than a step count: `tokens` counts `batch_size` x `seq_len` slots per micro-batch,
+which fixed spans and packed sentences fill and mixed spans about half (the curve counts the real tokens);
+AdamW with linear warm-up and cosine decay, gradient accumulation. The
 loss: for models with logits (decoders, encoder-decoders, classifiers), temperature-scaled KL from
 the teacher's distribution, mixed with the model's own language-modelling loss by `kl_weight`; for
 headless encoders (MiniLM), one minus the cosine of the mean-pooled embeddings plus the mean squared
@@ -46,7 +47,7 @@ STATE_FILE = "recovery-state.pt"
 KEY_FILE = "recovery-state.key"  # the state's key, readable without loading the state
 TRAINABLE = ("targets", "targets+norms+biases", "all")  # all: the dense rest (embeddings, head) too
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the CPU multiplies bf16 matrices natively, else fp32
-LENGTHS = ("auto", "fixed", "mixed", "sentences")  # auto: mixed for encoders, fixed otherwise
+LENGTHS = ("auto", "fixed", "mixed", "sentences")  # auto: sentences for encoders, fixed otherwise
 MIN_MIXED_LEN = 8
 
 
@@ -210,32 +211,33 @@ class Batches:
     """The training batches of a plan: micro-batch `index` of the run, the same on every (re)start."""
 
     def __init__(self, tokenizer, plan: RecoveryPlan, architecture: str, has_labels: bool):
-        wrapped = plan.lengths in ("mixed", "sentences") or (plan.lengths == "auto" and architecture == "encoder")
-        count = plan.steps * plan.sequences_per_step
-        self.plan, self.has_labels, self.tokenizer = plan, has_labels, tokenizer if wrapped else None
-        if wrapped:  # spans of the corpus, each wrapped in the special tokens
-            special = len(tokenizer.build_inputs_with_special_tokens([]))
-            generator = torch.Generator().manual_seed(plan.seed)
-            if plan.lengths == "sentences":
-                self.spans = sentence_spans(tokenizer, plan, count, special, generator)
-            else:  # consecutive spans of one token stream
-                # one length per micro-batch: no padding to compute (16 spans of 8-24 tokens padded to the longest
-                # were a third padding; MiniLM trains 1.26x faster without it), the same lengths over the run
-                lengths = torch.randint(MIN_MIXED_LEN - special, plan.seq_len - special + 1,
-                                        (count // plan.batch_size,), generator=generator)
-                lengths = lengths.repeat_interleave(plan.batch_size)
-                stream = corpus.token_sequences(tokenizer, plan.corpus, 1, int(lengths.sum()), repeat=True)[0]
-                self.spans = list(torch.split(stream, lengths.tolist()))
-        else:
-            self.sequences = corpus.token_sequences(tokenizer, plan.corpus, count, plan.seq_len, repeat=True)
+        lengths = plan.lengths if plan.lengths != "auto" else "sentences" if architecture == "encoder" else "fixed"
+        micro_batches = plan.steps * plan.accumulation
+        self.plan, self.has_labels, self.tokenizer = plan, has_labels, tokenizer if lengths != "fixed" else None
+        if lengths == "fixed":
+            self.sequences = corpus.token_sequences(tokenizer, plan.corpus, micro_batches * plan.batch_size,
+                                                    plan.seq_len, repeat=True)
+            return
+        # spans of the corpus, each to be wrapped in the special tokens
+        special = len(tokenizer.build_inputs_with_special_tokens([]))
+        generator = torch.Generator().manual_seed(plan.seed)
+        if lengths == "sentences":
+            self.groups = sentence_batches(tokenizer, plan, micro_batches, special, generator)
+            return
+        # mixed: consecutive spans of one token stream, one length per micro-batch: no padding to compute (16 spans
+        # of 8-24 tokens padded to the longest were a third padding; MiniLM trains 1.26x faster without it)
+        span_lengths = torch.randint(MIN_MIXED_LEN - special, plan.seq_len - special + 1, (micro_batches,),
+                                     generator=generator).repeat_interleave(plan.batch_size)
+        stream = corpus.token_sequences(tokenizer, plan.corpus, 1, int(span_lengths.sum()), repeat=True)[0]
+        spans = torch.split(stream, span_lengths.tolist())
+        self.groups = [spans[i:i + plan.batch_size] for i in range(0, len(spans), plan.batch_size)]
 
     def __call__(self, index: int) -> dict:
-        rows = slice(index * self.plan.batch_size, (index + 1) * self.plan.batch_size)
         if self.tokenizer is None:
-            ids = self.sequences[rows]
+            ids = self.sequences[index * self.plan.batch_size:(index + 1) * self.plan.batch_size]
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         else:
-            spans = [self.tokenizer.build_inputs_with_special_tokens(span.tolist()) for span in self.spans[rows]]
+            spans = [self.tokenizer.build_inputs_with_special_tokens(span.tolist()) for span in self.groups[index]]
             ids, mask = pad_right(spans, max(map(len, spans)), self.tokenizer.pad_token_id or 0)
             batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self.has_labels:
@@ -244,35 +246,65 @@ class Batches:
         return batch
 
 
-def sentence_spans(tokenizer, plan: RecoveryPlan, count: int, special: int, generator) -> list[torch.Tensor]:
-    """`count` sentences of the corpus as token spans (from a sentence's start to its `.`, `!` or `?`; with the
-    `special` tokens around them, cut at `seq_len`, and sentences shorter than MIN_MIXED_LEN skipped), in
-    micro-batches of near-equal lengths (sorted within chunks of 64 micro-batches: padding is a few slots),
-    the micro-batches shuffled.
+def sentence_batches(tokenizer, plan: RecoveryPlan, count: int, special: int, generator) -> list[list[torch.Tensor]]:
+    """`count` micro-batches of the corpus's sentences as token spans (from a sentence's start to its `.`, `!` or
+    `?`; with the `special` tokens around them, cut at `seq_len`, and sentences shorter than MIN_MIXED_LEN
+    skipped). A micro-batch holds as many sentences as fit in `batch_size` x `seq_len` slots padded to its
+    longest, so the budget counts the tokens trained on, whatever the sentences' lengths; sentences are sorted
+    by length within chunks of up to 64 micro-batches (padding is a few slots); the micro-batches are shuffled.
 
     MiniLM embeds sentences: at 90 %, 0.83 M real tokens of sentences of up to 24 tokens raised the cosine to the
     dense embeddings from 0.717 (random 8-24-token spans, which mostly start mid-sentence) to 0.754."""
+    size = count * plan.batch_size * plan.seq_len * 3  # tokens of the corpus to read: a cut sentence loses its rest
+    while True:
+        stream = corpus.token_sequences(tokenizer, plan.corpus, 1, size, repeat=True)[0].tolist()
+        batches, sentences = _sentence_micro_batches(tokenizer, stream, plan, count, special)
+        if len(batches) >= count or not batches:  # enough, or none to be had
+            break
+        size = size * 2 * count // len(batches)  # sentences much longer than seq_len: read more
+    if not batches:
+        raise HarnessError(f"recovery: corpus {plan.corpus} has {sentences} sentences of at least "
+                           f"{MIN_MIXED_LEN - special} tokens (ending in . ! or ?) in {len(stream):,} tokens: "
+                           f"use lengths=mixed")
+    return [[torch.tensor(sentence) for sentence in batches[index]]
+            for index in torch.randperm(count, generator=generator).tolist()]
+
+
+def _sentence_micro_batches(tokenizer, stream: list[int], plan: RecoveryPlan, count: int,
+                            special: int) -> tuple[list[list[list[int]]], int]:
+    """Micro-batches of the sentences of a token stream, until there are `count`; and how many sentences it read."""
     ends = {tokenizer.convert_tokens_to_ids(token) for token in (".", "!", "?")} - {tokenizer.unk_token_id}
     separator = corpus.separator_id(tokenizer)
-    stream = corpus.token_sequences(tokenizer, plan.corpus, 1, count * plan.seq_len * 3, repeat=True)[0].tolist()
-    sentences, start = [], 0
+    capacity = plan.batch_size * plan.seq_len
+    chunk_capacity = min(64, count) * capacity  # a small budget is not only the shortest sentences of a large chunk
+    batches, chunk, chunk_slots, sentences, start = [], [], 0, 0, 0
     for position, token in enumerate(stream):
         if token in ends and position + 1 - start >= MIN_MIXED_LEN - special:
-            sentences.append(stream[start:position + 1][:plan.seq_len - special])
+            chunk.append(stream[start:position + 1][:plan.seq_len - special])
+            chunk_slots += len(chunk[-1]) + special
+            sentences += 1
+            if chunk_slots >= chunk_capacity:
+                full, chunk = _packed(chunk, capacity, special)
+                batches += full
+                chunk_slots = sum(len(sentence) + special for sentence in chunk)
+                if len(batches) >= count:
+                    return batches, sentences
         if token in ends or token == separator:  # a document's unterminated tail is no sentence
             start = position + 1
-        if len(sentences) == count:
-            break
-    if len(sentences) < count:
-        raise HarnessError(f"recovery: corpus {plan.corpus} has {len(sentences):,} sentences of at least "
-                           f"{MIN_MIXED_LEN - special} tokens in {len(stream):,} tokens, fewer than the {count:,} "
-                           f"the budget needs: use lengths=mixed or a smaller budget")
-    batches, chunk = [], 64 * plan.batch_size
-    for first in range(0, count, chunk):
-        part = sorted(sentences[first:first + chunk], key=len)
-        batches += [part[i:i + plan.batch_size] for i in range(0, len(part), plan.batch_size)]
-    return [torch.tensor(sentence) for index in torch.randperm(len(batches), generator=generator).tolist()
-            for sentence in batches[index]]
+    full, rest = _packed(chunk, capacity, special)
+    return batches + full + ([rest] if rest else []), sentences
+
+
+def _packed(sentences: list[list[int]], capacity: int, special: int) -> tuple[list, list]:
+    """Sentences sorted by length into micro-batches of at most `capacity` padded slots; the last, partial
+    micro-batch is returned apart (the next chunk fills it)."""
+    batches, current = [], []
+    for sentence in sorted(sentences, key=len):
+        if current and (len(current) + 1) * (len(sentence) + special) > capacity:
+            batches.append(current)
+            current = []
+        current.append(sentence)
+    return batches, current
 
 
 class Resume:

@@ -69,7 +69,7 @@ def test_the_encoder_loss_is_zero_for_the_teacher_itself_and_grows_with_the_diff
 def test_encoders_train_on_mixed_length_spans_in_their_special_tokens_and_padding_is_no_loss():
     loaded = load.load_model("minilm")
     tokenizer, plan = loaded.tokenizer, recovery.RecoveryPlan(tokens=4 * 16 * 64, seq_len=64, batch_size=16,
-                                                              accumulation=1)
+                                                              accumulation=1, lengths="mixed")
     batches = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)
     lengths = []
     for index in range(4):
@@ -85,7 +85,7 @@ def test_encoders_train_on_mixed_length_spans_in_their_special_tokens_and_paddin
     assert all(len(one) == 1 for one in per_batch) and len(set().union(*per_batch)) > 1
     again = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)(3)  # a restart sees the same batch
     assert torch.equal(again["input_ids"], batch["input_ids"])
-    fixed = recovery.Batches(tokenizer, plan, "decoder", has_labels=True)(0)
+    fixed = recovery.Batches(tokenizer, dataclasses.replace(plan, lengths="auto"), "decoder", has_labels=True)(0)
     assert fixed["input_ids"].shape == (16, 64) and bool(fixed["attention_mask"].all())
 
     batch = dict(tokenizer(["a short span", "and a longer span of text that the shorter one is padded to"],
@@ -98,12 +98,12 @@ def test_encoders_train_on_mixed_length_spans_in_their_special_tokens_and_paddin
     assert float(recovery.distillation_loss(moved, teacher_out, batch, plan)) == pytest.approx(0, abs=1e-6)
 
 
-def test_sentence_spans_run_from_a_sentence_start_to_its_end_in_micro_batches_of_near_equal_length(tmp_path):
+def test_sentences_run_from_a_start_to_an_end_packed_in_micro_batches_that_the_budget_counts(tmp_path):
     tokenizer = load.load_model("minilm").tokenizer
     plan = recovery.RecoveryPlan(tokens=4 * 16 * 32, seq_len=32, batch_size=16, accumulation=1, lengths="sentences")
     ends = {tokenizer.convert_tokens_to_ids(token) for token in (".", "!", "?")}
     batches = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)
-    ranges = []
+    ranges, real = [], 0
     for index in range(4):
         batch = batches(index)
         lengths = batch["attention_mask"].sum(1).tolist()
@@ -113,12 +113,17 @@ def test_sentence_spans_run_from_a_sentence_start_to_its_end_in_micro_batches_of
             assert recovery.MIN_MIXED_LEN <= length <= 32
             assert not ends & set(sentence[:-1]) and tokenizer.sep_token_id not in sentence  # one sentence, one document
             assert sentence[-1] in ends or length == 32  # ends at its end, or was cut at seq_len
+        assert batch["input_ids"].numel() <= 16 * 32  # as many sentences as fit in batch_size x seq_len slots
         ranges.append((min(lengths), max(lengths)))
+        real += sum(lengths)
+    assert real > 0.8 * plan.tokens  # the budget counts tokens trained on, not 16 sentences' slots
     ranges.sort()
     assert all(high <= low for (_, high), (low, _) in zip(ranges, ranges[1:]))  # sorted by length: little padding
     assert len({low for low, _ in ranges}) > 1
     again = recovery.Batches(tokenizer, plan, "encoder", has_labels=False)(3)  # a restart sees the same batch
     assert torch.equal(again["input_ids"], batch["input_ids"])
+    default = recovery.Batches(tokenizer, dataclasses.replace(plan, lengths="auto"), "encoder", has_labels=False)
+    assert torch.equal(default(3)["input_ids"], batch["input_ids"])  # encoders train on sentences by default
 
     text = tmp_path / "no-sentences.txt"
     text.write_text(("words without an end " * 40 + "\n") * 40)  # one document in 20 is held out
